@@ -1,0 +1,17 @@
+"""normswap: rewrite the BatchNorm layers of trained networks -- fold, affine -- and validate the result.
+
+Public API: ``inspect``, ``convert``, ``validate``, the report types and the errors.
+"""
+from .api import ConversionResult, convert, inspect, validate
+from .errors import (InvalidModelError, NormswapError, OutputError, UnsupportedError, UsageError,
+                     ValidationFailedError)
+from .report import ConversionReport, InspectReport, LayerRecord, OutputComparison, ValidationReport
+from .targets import TARGETS, Target
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConversionReport", "ConversionResult", "InspectReport", "InvalidModelError", "LayerRecord", "NormswapError",
+    "OutputComparison", "OutputError", "TARGETS", "Target", "UnsupportedError", "UsageError",
+    "ValidationFailedError", "ValidationReport", "convert", "inspect", "validate",
+]

@@ -1,0 +1,204 @@
+"""Command line: a thin layer that parses options, calls one public function and prints or writes its report.
+
+Exit codes: 0 ok, 1 validation failed, 2 usage error, 3 invalid or unsafe input, 4 unsupported model or feature,
+5 cannot write output, 70 internal error (a bug: rerun with --debug and report it).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import EXIT_INTERNAL, EXIT_VALIDATION_FAILED, NormswapError, UsageError
+from .report import ConversionReport, InspectReport, ValidationReport
+from .targets import TARGET_NAMES
+from .validate.compare import DEFAULT_ATOL, DEFAULT_RTOL
+from .validate.providers import PROVIDER_CHOICES
+
+
+class _Group(click.Group):
+    """Turns NormswapError into one line on stderr and its exit code; tracebacks only with --debug."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except NormswapError as e:
+            if ctx.meta.get("normswap.debug"):
+                raise
+            click.echo(f"normswap: error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:  # a bug: say so in one line
+            if ctx.meta.get("normswap.debug"):
+                raise
+            click.echo(f"normswap: internal error: {type(e).__name__}: {e}; rerun with --debug and report it",
+                       err=True)
+            ctx.exit(EXIT_INTERNAL)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.version_option(package_name="normswap")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Rewrite the BatchNorm layers of trained networks, and validate the result in ONNX Runtime."""
+    ctx.meta["normswap.debug"] = debug
+
+
+def _validation_options(f):
+    options = [
+        click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True,
+                     help="ONNX Runtime provider: auto uses CUDA when it is really usable, else CPU."),
+        click.option("--inputs", "inputs", type=click.Path(dir_okay=False), default=None,
+                     help="Validation inputs: .npz whose keys are the input names (default: seeded random data)."),
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
+                     help="Shape for an input with symbolic dimensions (repeatable)."),
+        click.option("--atol", type=float, default=DEFAULT_ATOL, show_default=True, help="Absolute tolerance."),
+        click.option("--rtol", type=float, default=DEFAULT_RTOL, show_default=True, help="Relative tolerance."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs."),
+        click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+                     help="Write the JSON report to this file ('-' for stdout, which silences the table)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    from .validate.inputs import parse_input_shape
+    return dict(parse_input_shape(v) for v in values)
+
+
+def _write_report(report, path: str | None) -> None:
+    if path is None:
+        return
+    text = report.to_json() + "\n"
+    if path == "-":
+        click.echo(text, nl=False)
+        return
+    from .onnx.io import write_atomically
+    write_atomically(Path(path), lambda f: f.write(text.encode()))
+
+
+def _fmt(x, spec: str = ".3g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _print_validation(v: ValidationReport) -> None:
+    click.echo(f"validation ({v.check}, atol={v.atol:g} rtol={v.rtol:g}) on {', '.join(v.providers)}; "
+               f"inputs: {v.inputs}")
+    click.echo(f"  {'output':<24} {'max_abs':>10} {'max_rel':>10} {'mean_abs':>10} {'cosine':>10} {'top1':>6}  result")
+    for o in v.outputs:
+        click.echo(f"  {o.name[:24]:<24} {_fmt(o.max_abs):>10} {_fmt(o.max_rel):>10} {_fmt(o.mean_abs):>10} "
+                   f"{_fmt(o.cosine, '.6f'):>10} {_fmt(o.top1_agreement, '.2f'):>6}  {'ok' if o.passed else 'FAIL'}")
+
+
+def _cut(text: str, width: int) -> str:
+    """Fit ``text`` in ``width`` columns, keeping its end (generated names differ at the end)."""
+    return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    """Left-aligned columns sized to their content (capped at 40); the last column is never cut."""
+    widths = [min(40, max(len(h), *(len(r[k]) for r in rows))) if rows else len(h) for k, h in enumerate(header)]
+    widths[-1] = 0
+    for row in [header] + rows:
+        click.echo("  ".join(_cut(c, w).ljust(w) if w else c for c, w in zip(row, widths)).rstrip())
+
+
+def _print_conversion(r: ConversionReport) -> None:
+    _table([[layer.name, layer.action, _fmt(layer.channels, "d"),
+             f"{layer.producer_op or '-'} {layer.producer or ''}".strip(), layer.reason] for layer in r.layers],
+           ["layer", "action", "C", "producer", "reason"])
+    summary = ", ".join(f"{r.count(a)} {a}" for a in ("folded", "affine", "kept") if r.count(a))
+    click.echo(f"{len(r.layers)} BatchNormalization site(s): {summary or 'none'}; "
+               f"nodes {r.nodes_before} -> {r.nodes_after}")
+    for note in r.notes:
+        click.echo(f"note: {note}")
+    if r.validation is not None:
+        _print_validation(r.validation)
+
+
+def _default_output(model: Path, target: str) -> Path:
+    return model.with_name(f"{model.stem}.{target}.onnx")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the sites as JSON.")
+def inspect(model: str, as_json: bool) -> None:
+    """List every normalization site: op, channels, producer, and whether it folds (and why not)."""
+    from .api import inspect as inspect_model
+    report: InspectReport = inspect_model(model)
+    if as_json:
+        click.echo(report.to_json())
+        return
+    click.echo(f"{report.source}: opset {report.opset}, IR version {report.ir_version}")
+    _table([[s["name"], s["op"], _fmt(s["channels"], "d"), f"{s['producer_op'] or '-'} {s['producer'] or ''}".strip(),
+             s["action_under_fold"], s["reason"]] for s in report.sites],
+           ["layer", "op", "C", "producer", "under --to fold", "reason"])
+    click.echo(f"{len(report.sites)} normalization site(s), {sum(s['foldable'] for s in report.sites)} foldable")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--to", "target", type=click.Choice(TARGET_NAMES), required=True, help="What to turn BN into.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Output model (default: <stem>.<target>.onnx beside the input).")
+@click.option("--in-place", is_flag=True, help="Allow the output to replace the input model.")
+@click.option("--keep-unfoldable", is_flag=True, help="With --to fold, leave BNs that cannot fold as BN.")
+@click.option("--validate/--no-validate", default=True, show_default=True,
+              help="Compare the converted model with the original in ONNX Runtime.")
+@click.option("--keep-invalid", is_flag=True, help="Write the output even when validation fails (exit 1).")
+@_validation_options
+def convert(model: str, target: str, output: str | None, in_place: bool, keep_unfoldable: bool, validate: bool,
+            keep_invalid: bool, provider: str, inputs: str | None, input_shapes: tuple[str, ...], atol: float,
+            rtol: float, seed: int, report_path: str | None) -> None:
+    """Convert the BatchNorm layers of MODEL (.onnx) and validate the result."""
+    from .api import convert as convert_model
+    from .onnx.io import same_file
+    source = Path(model)
+    out = Path(output) if output else (source if in_place else _default_output(source, target))
+    if source.exists() and out.exists() and same_file(source, out) and not in_place:
+        raise UsageError(f"output '{out}' is the input model; pass another -o or --in-place to replace it")
+    shapes = _shapes(input_shapes)
+    result = convert_model(model, target, keep_unfoldable=keep_unfoldable, validate=validate, provider=provider,
+                           inputs=inputs, input_shapes=shapes, atol=atol, rtol=rtol, seed=seed)
+    report = result.report
+    quiet = report_path == "-"
+    if not quiet:
+        _print_conversion(report)
+    failed = report.passed is False
+    if not failed or keep_invalid:
+        written = result.save(out, keep_invalid=keep_invalid)
+        if not quiet:
+            click.echo(f"wrote {', '.join(str(p) for p in written)}")
+    elif not quiet:
+        click.echo("validation failed: nothing written (pass --keep-invalid to write it anyway)", err=True)
+    _write_report(report, report_path)
+    if failed:
+        sys.exit(EXIT_VALIDATION_FAILED)
+
+
+@main.command()
+@click.argument("reference", type=click.Path(dir_okay=False))
+@click.argument("candidate", type=click.Path(dir_okay=False))
+@_validation_options
+def validate(reference: str, candidate: str, provider: str, inputs: str | None, input_shapes: tuple[str, ...],
+             atol: float, rtol: float, seed: int, report_path: str | None) -> None:
+    """Run REFERENCE and CANDIDATE in ONNX Runtime on the same inputs and compare every output."""
+    from .api import validate as validate_models
+    report = validate_models(reference, candidate, provider=provider, inputs=inputs,
+                             input_shapes=_shapes(input_shapes), atol=atol, rtol=rtol, seed=seed)
+    if report_path != "-":
+        _print_validation(report)
+        click.echo("passed" if report.passed else "FAILED")
+    _write_report(report, report_path)
+    if not report.passed:
+        sys.exit(EXIT_VALIDATION_FAILED)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,49 @@
+"""Errors normswap raises, each mapped to a documented process exit code.
+
+Every message is one sentence that says what is wrong and what to do about it.
+"""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_VALIDATION_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INVALID_INPUT = 3
+EXIT_UNSUPPORTED = 4
+EXIT_CANNOT_WRITE = 5
+EXIT_INTERNAL = 70
+
+
+class NormswapError(Exception):
+    """Base class; ``exit_code`` is what the CLI returns for it."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class ValidationFailedError(NormswapError):
+    """The converted model does not match the original within tolerance."""
+
+    exit_code = EXIT_VALIDATION_FAILED
+
+
+class UsageError(NormswapError):
+    """The arguments do not make sense together (bad option value, output equals input...)."""
+
+    exit_code = EXIT_USAGE
+
+
+class InvalidModelError(NormswapError):
+    """The input is not a valid ONNX model, or is unsafe to read (external data escaping its folder...)."""
+
+    exit_code = EXIT_INVALID_INPUT
+
+
+class UnsupportedError(NormswapError):
+    """The model or the request uses something normswap cannot handle (or CUDA was required but is not usable)."""
+
+    exit_code = EXIT_UNSUPPORTED
+
+
+class OutputError(NormswapError):
+    """The output could not be written."""
+
+    exit_code = EXIT_CANNOT_WRITE

@@ -1,0 +1,1 @@
+"""ONNX frontend: safe I/O, graph index, constant evaluation, rewrite rules, conversion driver."""

@@ -1,0 +1,148 @@
+"""What every rewrite rule shares: the BatchNorm site, Skip results, and the Rule record.
+
+A rule has three parts: ``match(site) -> Match | Skip | None`` (None: the rule does not apply to this kind of
+producer at all), guards inside ``match`` that each return a ``Skip`` with a reason, and
+``rewrite(site, match) -> list of new or rewritten node names``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..._math import bn_affine
+from ..graph import GraphIndex
+from ..types import ValueType
+
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                         onnx.TensorProto.BFLOAT16})
+
+
+@dataclass(frozen=True)
+class Skip:
+    reason: str
+
+
+@dataclass
+class BnSite:
+    """An inference BatchNormalization whose parameters are constant: ``y = s * x + t`` along axis 1."""
+
+    graph: GraphIndex
+    index: int
+    name: str
+    x: str
+    y: str
+    s: np.ndarray
+    t: np.ndarray
+    channels: int
+    x_type: ValueType | None
+
+    @property
+    def node(self) -> onnx.NodeProto:
+        return self.graph.nodes[self.index]
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    summary: str
+    match: Callable[[BnSite], Any]
+    rewrite: Callable[[BnSite, Any], list[str]]
+
+
+def attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    for k, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[k]
+            break
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def site_name(node: onnx.NodeProto) -> str:
+    return node.name or (node.output[0] if node.output else node.op_type)
+
+
+def _param_reason(graph: GraphIndex, name: str, role: str) -> str:
+    if graph.is_overridable_initializer(name):
+        return (f"its {role} '{name}' is an initializer that is also a graph input, so onnxruntime lets callers "
+                "override it; remove it from the graph inputs to make it constant")
+    return f"its {role} '{name}' is not constant (computed from graph inputs at run time)"
+
+
+def read_bn_site(graph: GraphIndex, i: int) -> BnSite | Skip:
+    """Check the guards every BN rewrite shares and read its per-channel affine ``(s, t)`` in float64."""
+    node = graph.nodes[i]
+    if attr(node, "training_mode", 0) == 1 or attr(node, "is_test", 1) == 0:
+        return Skip("training_mode=1: it normalizes with the batch statistics, so it is not a fixed affine map; "
+                    "export the model in eval mode")
+    if attr(node, "spatial", 1) == 0:
+        return Skip("spatial=0 (per-activation statistics, opset < 9) is not supported; upgrade the opset")
+    if any(o for o in node.output[1:]):
+        return Skip("its running-statistics outputs are used by the graph")
+    if len(node.input) < 5:
+        return Skip("it has fewer than five inputs")
+    params = []
+    for name, role in zip(node.input[1:5], ("scale", "bias", "mean", "variance")):
+        value = graph.constant(name)
+        if value is None:
+            return Skip(_param_reason(graph, name, role))
+        params.append(value)
+    sizes = {p.size for p in params}
+    if len(sizes) != 1 or any(p.ndim != 1 for p in params):
+        return Skip("its scale, bias, mean and variance are not vectors of one common length")
+    if any(not np.issubdtype(p.dtype, np.floating) and p.dtype.name != "bfloat16" for p in params):
+        return Skip("its parameters are not floating point")
+    eps = float(attr(node, "epsilon", 1e-5))
+    s, t = bn_affine(*params, eps)
+    x_type = graph.value_type(node.input[0])
+    channels = int(params[0].size)
+    if x_type is not None and x_type.dims is not None:
+        if len(x_type.dims) < 2:
+            return Skip(f"its input has rank {len(x_type.dims)}; BatchNormalization needs (N, C, ...)")
+        c = x_type.dims[1]
+        if isinstance(c, int) and c not in (0, channels):
+            return Skip(f"its input has {c} channels but its parameters have {channels}")
+    return BnSite(graph, i, site_name(node), node.input[0], node.output[0], s, t, channels, x_type)
+
+
+def cast_like(array: np.ndarray, elem_type: int) -> np.ndarray:
+    """Cast a float64 result once, at the end, to the ONNX element type it will be stored as."""
+    return np.asarray(array).astype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def elem_type_of(array: np.ndarray) -> int:
+    return onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+
+
+def per_channel_vector(value: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
+    """If ``value`` broadcast against a rank-``rank`` tensor varies only along axis 1 (length ``channels``),
+    return it as a float64 vector of length ``channels``; else None."""
+    v = np.asarray(value)
+    if v.ndim > rank:
+        return None
+    padded = v.reshape((1,) * (rank - v.ndim) + v.shape)
+    target = [1] * rank
+    target[1] = channels
+    if any(d not in (1, target[k]) for k, d in enumerate(padded.shape)):
+        return None
+    return np.broadcast_to(padded.astype(np.float64), target).reshape(channels).copy()
+
+
+def single_reader(graph: GraphIndex, value: str, reader: int) -> Skip | None:
+    """Guard: ``value`` must be read by node ``reader`` alone, and not be a graph output."""
+    n = graph.use_count(value)
+    if n == 1 and graph.live_consumers(value) == [reader]:
+        return None
+    others = n - 1
+    return Skip(f"the producer's output '{value}' also feeds {others} other consumer(s) "
+                f"(or is a graph output), which must keep seeing the unnormalized value")

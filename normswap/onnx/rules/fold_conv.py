@@ -1,0 +1,117 @@
+"""Fold BatchNormalization into the Conv or ConvTranspose that produces its input.
+
+Before:  x -> Conv(W, b) [-> Add(c)] -> BatchNormalization(gamma, beta, mean, var, eps) -> y
+After:   x -> Conv(W', b') -> y
+
+With ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s`` (float64):
+- Conv: weight ``(M, C/group, k...)``, ``W'[m] = s[m] W[m]``;
+- ConvTranspose: weight ``(C_in, M/group, k...)``, output channel ``g*M/group + j`` is ``W[g-th block of
+  C_in/group rows, j]`` -- it is scaled there, per group;
+- ``b' = s * (b + c) + t`` (``b``, ``c`` = 0 when absent).
+
+Conditions: the Conv's output (and the Add's) is read by the BN alone and is no graph output; W, b and c are
+constant; W is floating point; ``c`` is per-channel (varies only along axis 1); channel counts agree. The folded
+weight is a new initializer, so a weight shared with another node is never changed for that node. Results are
+cast once to the weight's dtype (the bias keeps its own dtype).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..._math import fold_conv_transpose_weight, fold_conv_weight, fold_bias
+from .base import FLOAT_TYPES, BnSite, Rule, Skip, attr, cast_like, elem_type_of, per_channel_vector, single_reader
+
+OPS = ("Conv", "ConvTranspose")
+
+
+@dataclass
+class ConvMatch:
+    conv: int
+    add: int | None
+    add_bias: np.ndarray | None
+    weight: np.ndarray
+    bias: np.ndarray | None
+
+
+def _through_bias_add(site: BnSite) -> tuple[int, int | None, np.ndarray | None] | Skip | None:
+    """Find the conv, looking through one ``Add`` of a constant; returns (conv, add, added constant)."""
+    g = site.graph
+    p = g.producer_of(site.x)
+    if p is None:
+        return None
+    node = g.nodes[p]
+    if node.op_type in OPS and node.domain in ("", "ai.onnx"):
+        return p, None, None
+    if node.op_type != "Add" or len(node.input) != 2:
+        return None
+    for k in (0, 1):
+        q = g.producer_of(node.input[k])
+        if q is None or g.nodes[q].op_type not in OPS:
+            continue
+        const = g.constant(node.input[1 - k])
+        if const is None:
+            return Skip("the Add between the conv and the BN adds a non-constant value")
+        return single_reader(g, site.x, site.index) or (q, p, const)
+    return None
+
+
+def match(site: BnSite) -> ConvMatch | Skip | None:
+    found = _through_bias_add(site)
+    if found is None or isinstance(found, Skip):
+        return found
+    conv_i, add_i, added = found
+    g = site.graph
+    conv = g.nodes[conv_i]
+    guard = single_reader(g, conv.output[0], add_i if add_i is not None else site.index)
+    if guard:
+        return guard
+    weight = g.constant(conv.input[1]) if len(conv.input) > 1 else None
+    if weight is None:
+        return Skip(f"the {conv.op_type}'s weight is not constant")
+    if elem_type_of(weight) not in FLOAT_TYPES:
+        return Skip(f"the {conv.op_type}'s weight is not floating point")
+    bias = None
+    if len(conv.input) > 2 and conv.input[2]:
+        bias = g.constant(conv.input[2])
+        if bias is None:
+            return Skip(f"the {conv.op_type}'s bias is not constant")
+    group = int(attr(conv, "group", 1))
+    out_channels = weight.shape[0] if conv.op_type == "Conv" else weight.shape[1] * group
+    if out_channels != site.channels:
+        return Skip(f"the {conv.op_type} has {out_channels} output channels but the BN has {site.channels}")
+    add_bias = None
+    if add_i is not None:
+        add_bias = per_channel_vector(added, site.channels, weight.ndim)
+        if add_bias is None:
+            return Skip("the Add between the conv and the BN is not a per-channel bias")
+    return ConvMatch(conv_i, add_i, add_bias, weight, bias)
+
+
+def rewrite(site: BnSite, m: ConvMatch) -> list[str]:
+    g = site.graph
+    conv = g.nodes[m.conv]
+    if conv.op_type == "Conv":
+        w64 = fold_conv_weight(m.weight, site.s)
+    else:
+        w64 = fold_conv_transpose_weight(m.weight, site.s, int(attr(conv, "group", 1)))
+    bias_in = m.bias.astype(np.float64) if m.bias is not None else None
+    if m.add_bias is not None:
+        bias_in = m.add_bias if bias_in is None else bias_in + m.add_bias
+    b64 = fold_bias(bias_in, site.s, site.t)
+    w_type = elem_type_of(m.weight)
+    b_type = elem_type_of(m.bias) if m.bias is not None else w_type
+    base = conv.name or conv.output[0]
+    g.set_input(m.conv, 1, g.add_initializer(cast_like(w64, w_type), f"{base}.weight_bnfolded"))
+    g.set_input(m.conv, 2, g.add_initializer(cast_like(b64, b_type), f"{base}.bias_bnfolded"))
+    if m.add is not None:
+        g.remove_node(m.add)
+    g.remove_node(site.index)
+    g.rename_output(m.conv, 0, site.y)
+    conv.doc_string = (conv.doc_string + "\n" if conv.doc_string else "") + f"normswap fold_conv: absorbed {site.name}"
+    return [base]
+
+
+RULE = Rule("fold_conv", "BN folded into the producing Conv / ConvTranspose (also through a bias Add)",
+            match, rewrite)

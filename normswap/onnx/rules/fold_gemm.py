@@ -1,0 +1,122 @@
+"""Fold BatchNormalization into the Gemm or MatMul that produces its (N, C) input.
+
+Gemm.   Before: ``y = BN(alpha * A' @ B' + beta * C)``   (A' = A or A^T, B' = B or B^T by transA / transB)
+        After:  ``y = alpha * A' @ B'' + 1 * C''`` with ``B''[:, n] = s[n] B'[:, n]`` (stored in B's own layout)
+        and ``C'' = s * beta * C + t`` (``C`` = 0 when absent); ``beta`` becomes 1.
+MatMul. Before: ``y = BN(A @ B [+ c])``     After: ``y = A @ B'' + c''`` with ``c'' = s * c + t``; the BN node
+        becomes the Add (or the existing bias Add is reused), so the node count does not grow.
+
+Conditions: the output is 2-D, so the BN's channel axis (1) is the weight's output axis -- after a 3-D MatMul
+(B, T, K) @ (K, N) the BN normalizes T, which no weight column holds, and the rule skips (affine fallback);
+B is a constant, floating-point 2-D matrix; C / c are constant and per-feature; the producer's output is read by
+the BN (or the bias Add) alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..._math import fold_bias, fold_matrix_columns
+from .base import (FLOAT_TYPES, BnSite, Rule, Skip, attr, cast_like, elem_type_of, per_channel_vector, set_attr,
+                   single_reader)
+
+
+@dataclass
+class MatrixMatch:
+    node: int
+    add: int | None
+    weight: np.ndarray
+    transposed: bool
+    bias: np.ndarray | None  # float64, per feature; already includes Gemm's beta
+
+
+def _producer(site: BnSite) -> tuple[int, int | None, np.ndarray | None] | Skip | None:
+    g = site.graph
+    p = g.producer_of(site.x)
+    if p is None:
+        return None
+    node = g.nodes[p]
+    if node.op_type in ("Gemm", "MatMul"):
+        return p, None, None
+    if node.op_type != "Add" or len(node.input) != 2:
+        return None
+    for k in (0, 1):
+        q = g.producer_of(node.input[k])
+        if q is None or g.nodes[q].op_type != "MatMul":
+            continue
+        const = g.constant(node.input[1 - k])
+        if const is None:
+            return Skip("the Add between the MatMul and the BN adds a non-constant value")
+        vector = per_channel_vector(const, site.channels, 2)
+        if vector is None:
+            return Skip("the Add between the MatMul and the BN is not a per-feature bias")
+        return single_reader(g, site.x, site.index) or (q, p, vector)
+    return None
+
+
+def match(site: BnSite) -> MatrixMatch | Skip | None:
+    found = _producer(site)
+    if found is None or isinstance(found, Skip):
+        return found
+    i, add_i, add_bias = found
+    g = site.graph
+    node = g.nodes[i]
+    guard = single_reader(g, node.output[0], add_i if add_i is not None else site.index)
+    if guard:
+        return guard
+    if site.x_type is None or site.x_type.rank is None:
+        return Skip(f"the rank of the {node.op_type} output is unknown; pass --input-shape so it can be inferred")
+    if site.x_type.rank != 2:
+        return Skip(f"the {node.op_type} output is {site.x_type.rank}-D, so the BN's channel axis is not the "
+                    "weight's output axis")
+    weight = g.constant(node.input[1])
+    if weight is None or weight.ndim != 2:
+        return Skip(f"the {node.op_type}'s weight is not a constant 2-D matrix")
+    if elem_type_of(weight) not in FLOAT_TYPES:
+        return Skip(f"the {node.op_type}'s weight is not floating point")
+    transposed = node.op_type == "Gemm" and attr(node, "transB", 0) == 1
+    n = weight.shape[0] if transposed else weight.shape[1]
+    if n != site.channels:
+        return Skip(f"the {node.op_type} has {n} output features but the BN has {site.channels}")
+    bias = add_bias
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        c = g.constant(node.input[2])
+        if c is None:
+            return Skip("the Gemm's C input is not constant")
+        beta = float(attr(node, "beta", 1.0))
+        c64 = np.asarray(c, np.float64) * beta
+        bias = per_channel_vector(c64, site.channels, 2)
+        if bias is None:  # C varies along rows too: keep its full shape
+            bias = c64
+    return MatrixMatch(i, add_i, weight, transposed, bias)
+
+
+def rewrite(site: BnSite, m: MatrixMatch) -> list[str]:
+    g = site.graph
+    node = g.nodes[m.node]
+    base = node.name or node.output[0]
+    w_type = elem_type_of(m.weight)
+    w_name = g.add_initializer(cast_like(fold_matrix_columns(m.weight, site.s, m.transposed), w_type),
+                               f"{base}.weight_bnfolded")
+    g.set_input(m.node, 1, w_name)
+    b64 = fold_bias(m.bias, site.s, site.t)
+    if node.op_type == "Gemm":
+        g.set_input(m.node, 2, g.add_initializer(cast_like(b64, w_type), f"{base}.bias_bnfolded"))
+        set_attr(node, "beta", 1.0)
+        g.remove_node(site.index)
+        g.rename_output(m.node, 0, site.y)
+        node.doc_string = (node.doc_string + "\n" if node.doc_string else "") + f"normswap fold_gemm: absorbed {site.name}"
+        return [base]
+    bias_name = g.add_initializer(cast_like(b64, w_type), f"{base}.bias_bnfolded")
+    add_name = g.names.fresh(f"{site.name}/normswap_fold_gemm_add")
+    add = onnx.helper.make_node("Add", [node.output[0], bias_name], [site.y], name=add_name,
+                                doc_string=f"normswap fold_gemm: bias of {site.name} folded into {base}")
+    if m.add is not None:
+        g.remove_node(m.add)
+    g.replace_node(site.index, [add])
+    return [base, add_name]
+
+
+RULE = Rule("fold_gemm", "BN folded into the producing Gemm / 2-D MatMul", match, rewrite)

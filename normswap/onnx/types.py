@@ -1,0 +1,85 @@
+"""Element types and shapes of every value, from ONNX shape inference run on a weightless skeleton.
+
+The skeleton holds the nodes and small initializers; large initializers become typed graph inputs, so inference
+never touches (or copies) the weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from .walk import iter_graphs
+
+# Initializers at most this large keep their values in the skeleton (shape tensors for Reshape, ...).
+SKELETON_VALUE_BYTES = 1 << 16
+
+
+@dataclass(frozen=True)
+class ValueType:
+    """``elem_type`` is an ``onnx.TensorProto`` data type; ``dims`` is None when the rank is unknown, and a
+    dimension is an int, a symbolic name (str) or None."""
+
+    elem_type: int
+    dims: tuple[int | str | None, ...] | None
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.dims is None else len(self.dims)
+
+
+def _from_value_info(vi: onnx.ValueInfoProto) -> ValueType | None:
+    if not vi.type.HasField("tensor_type"):
+        return None
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return ValueType(tt.elem_type, None)
+    dims: list[int | str | None] = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(d.dim_value)
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return ValueType(tt.elem_type, tuple(dims))
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    skel = onnx.ModelProto()
+    skel.ir_version = model.ir_version
+    skel.opset_import.extend(model.opset_import)
+    g, src = skel.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    input_names = {i.name for i in src.input}
+    for t in src.initializer:
+        if len(t.raw_data) <= SKELETON_VALUE_BYTES and t.data_location != onnx.TensorProto.EXTERNAL:
+            g.initializer.append(t)
+        elif t.name not in input_names:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return skel
+
+
+def infer_value_types(model: onnx.ModelProto) -> tuple[dict[str, ValueType], str | None]:
+    """Map value name -> ValueType over all graphs; second item is a note when inference failed."""
+    note = None
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_skeleton(model), check_type=False, strict_mode=False,
+                                                     data_prop=True)
+    except Exception as e:  # inference is best effort: rules that need a rank skip with a reason
+        inferred, note = model, f"ONNX shape inference failed ({type(e).__name__}); ranks come from the model only"
+    types: dict[str, ValueType] = {}
+    for _, graph in iter_graphs(inferred.graph):
+        for t in graph.initializer:
+            types[t.name] = ValueType(t.data_type, tuple(t.dims))
+        for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+            vt = _from_value_info(vi)
+            if vt is not None and (vi.name not in types or types[vi.name].dims is None):
+                types[vi.name] = vt
+    for t in model.graph.initializer:
+        types[t.name] = ValueType(t.data_type, tuple(t.dims))
+    return types, note

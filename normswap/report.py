@@ -1,0 +1,138 @@
+"""Result objects: what a conversion did to each layer and what validation measured.
+
+Everything here is plain data with ``to_dict()`` / ``to_json()``; the CLI prints tables from it and pipelines
+read it directly. ``bool(comparison)`` is ``comparison.passed``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+ACTIONS = ("folded", "affine", "converted", "kept", "skipped")
+
+
+@dataclass
+class LayerRecord:
+    """One normalization site and what happened to it."""
+
+    name: str
+    op: str
+    action: str
+    reason: str
+    channels: int | None
+    producer: str | None = None
+    producer_op: str | None = None
+    rule: str | None = None
+    graph: str = "main"
+    new_nodes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        assert self.action in ACTIONS, self.action
+
+
+@dataclass
+class OutputComparison:
+    """Reference vs candidate for one graph output.
+
+    ``max_rel`` is ``max|ref - cand| / max|ref|`` (error relative to the output's scale); ``passed`` means
+    ``|ref - cand| <= atol + rtol * |ref|`` everywhere (``numpy.allclose``) with NaNs in the same places.
+    """
+
+    name: str
+    shape: list[int]
+    dtype: str
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    cosine: float
+    top1_agreement: float | None
+    passed: bool
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+@dataclass
+class ValidationReport:
+    """How the comparison was run and what it found."""
+
+    check: str  # "exact": within atol/rtol
+    providers: list[str]
+    requested_provider: str
+    reference_optimization: str
+    atol: float
+    rtol: float
+    inputs: str
+    outputs: list[OutputComparison]
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+@dataclass
+class ConversionReport:
+    """What ``convert`` did: one record per normalization site, plus validation when it ran."""
+
+    target: str
+    exact: bool
+    source: str
+    layers: list[LayerRecord]
+    nodes_before: int
+    nodes_after: int
+    validation: ValidationReport | None = None
+    output: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool | None:
+        """``None`` when validation did not run, else whether it passed."""
+        return None if self.validation is None else self.validation.passed
+
+    def count(self, action: str) -> int:
+        return sum(1 for layer in self.layers if layer.action == action)
+
+    def to_dict(self) -> dict:
+        return {
+            "target": self.target,
+            "exact": self.exact,
+            "source": self.source,
+            "output": self.output,
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "summary": {a: self.count(a) for a in ACTIONS},
+            "layers": [asdict(layer) for layer in self.layers],
+            "validation": None if self.validation is None else self.validation.to_dict(),
+            "notes": list(self.notes),
+            "passed": self.passed,
+        }
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+@dataclass
+class InspectReport:
+    """Every normalization site in a model, and whether (and why not) it folds."""
+
+    source: str
+    opset: int
+    ir_version: int
+    sites: list[dict]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)

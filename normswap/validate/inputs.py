@@ -1,0 +1,116 @@
+"""Inputs for validation: seeded random data shaped from the model's input types, or a user's .npz file."""
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+
+from ..errors import InvalidModelError, UsageError
+
+DEFAULT_BATCH = 2  # a symbolic first dimension becomes 2, so batch-mixing bugs show
+DEFAULT_SEED = 0
+
+
+def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs a caller must feed: initializers listed as inputs are not among them."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """``NAME:1,3,224,224`` -> ``("NAME", (1, 3, 224, 224))``."""
+    name, sep, dims = text.rpartition(":")
+    try:
+        shape = tuple(int(d) for d in dims.split(",")) if dims else ()
+    except ValueError:
+        shape = None
+    if not sep or not name or shape is None or any(d <= 0 for d in shape):
+        raise UsageError(f"--input-shape '{text}' is not NAME:D1,D2,... with positive integers")
+    return name, shape
+
+
+def _shape_for(vi: onnx.ValueInfoProto, given: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+    dims = vi.type.tensor_type.shape.dim
+    if vi.name in given:
+        shape = tuple(given[vi.name])
+        if len(shape) != len(dims):
+            raise UsageError(f"--input-shape for '{vi.name}' has {len(shape)} dims but the input has {len(dims)}")
+        for k, (d, s) in enumerate(zip(dims, shape)):
+            if d.HasField("dim_value") and d.dim_value != s:
+                raise UsageError(f"--input-shape for '{vi.name}' sets axis {k} to {s} but the model fixes it to "
+                                 f"{d.dim_value}")
+        return shape
+    shape = []
+    for k, d in enumerate(dims):
+        if d.HasField("dim_value"):
+            shape.append(d.dim_value)
+        elif k == 0:
+            shape.append(DEFAULT_BATCH)
+        else:
+            label = d.dim_param or "unknown"
+            raise UsageError(f"input '{vi.name}' has the symbolic dimension '{label}' at axis {k}; "
+                             f"pass --input-shape {vi.name}:D0,D1,... or --inputs data.npz")
+    return tuple(shape)
+
+
+def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None = None,
+                  seed: int = DEFAULT_SEED) -> dict[str, np.ndarray]:
+    """Seeded data for every input: standard normal floats, integers in [0, 8), random booleans."""
+    given = dict(shapes or {})
+    inputs = model_inputs(model)
+    unknown = set(given) - {i.name for i in inputs}
+    if unknown:
+        raise UsageError(f"--input-shape names unknown input(s) {sorted(unknown)}; the model's inputs are "
+                         f"{[i.name for i in inputs]}")
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for vi in inputs:
+        if not vi.type.HasField("tensor_type"):
+            raise UsageError(f"input '{vi.name}' is not a tensor; pass --inputs data.npz")
+        elem = vi.type.tensor_type.elem_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+        shape = _shape_for(vi, given)
+        if dtype.kind == "f" or dtype.name == "bfloat16":
+            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind in "iu":
+            feeds[vi.name] = rng.integers(0, 8, size=shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[vi.name] = rng.random(shape) < 0.5
+        else:
+            raise UsageError(f"cannot generate data for input '{vi.name}' of type {dtype}; pass --inputs data.npz")
+    return feeds
+
+
+def load_npz_inputs(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Arrays keyed by input name from an .npz file, read without unpickling anything."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise UsageError(f"inputs file '{path}' does not exist") from None
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise InvalidModelError(f"inputs file '{path}' is not a plain .npz of numeric arrays ({e}); "
+                                "save it with numpy.savez") from None
+    return check_feeds(arrays, model, str(path))
+
+
+def check_feeds(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, source: str) -> dict[str, np.ndarray]:
+    """Match arrays to the model's inputs by name, casting floats to the input's float type."""
+    names = [i.name for i in model_inputs(model)]
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise UsageError(f"{source} has no array for input(s) {missing}; its keys must be the input names {names}")
+    feeds = {}
+    for vi in model_inputs(model):
+        a = np.asarray(arrays[vi.name])
+        want = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+        if a.dtype != want:
+            if a.dtype.kind == "f" and (want.kind == "f" or want.name == "bfloat16"):
+                a = a.astype(want)
+            else:
+                raise UsageError(f"array '{vi.name}' in {source} is {a.dtype} but the input is {want}")
+        feeds[vi.name] = a
+    return feeds

@@ -1,0 +1,196 @@
+"""Guards shared by all rewrites, the affine fallback, subgraphs and what a conversion must preserve."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import normswap
+from tests.builders import IR, bn_node, bn_params, conv_bn, feed, init, model, ops, out, run, vi
+
+
+def test_training_mode_bn_is_never_folded():
+    rng = np.random.default_rng(0)
+    m = conv_bn(rng)
+    m.graph.node[1].attribute.append(helper.make_attribute("training_mode", 1))
+    m.opset_import[0].version = 15
+    for target in ("fold", "affine"):
+        r = normswap.convert(m, to=target, validate=False)
+        assert r.report.layers[0].action == "kept" and "training_mode=1" in r.report.layers[0].reason
+        assert ops(r.model) == ["Conv", "BatchNormalization"]
+
+
+def test_inference_bn_with_training_mode_zero_folds():
+    rng = np.random.default_rng(0)
+    m = conv_bn(rng)
+    m.graph.node[1].attribute.append(helper.make_attribute("training_mode", 0))
+    m.opset_import[0].version = 15
+    assert normswap.convert(m, to="fold", validate=False).report.layers[0].action == "folded"
+
+
+def test_bn_after_concat_becomes_exact_affine_and_keep_unfoldable_keeps_it():
+    rng = np.random.default_rng(1)
+    names, params = bn_params(6, rng)
+    nodes = [helper.make_node("Concat", ["a", "b"], ["c"], axis=1), bn_node("c", "y", names)]
+    m = model(nodes, [vi("a", [2, 2, 4, 4]), vi("b", [2, 4, 4, 4])], [out("y", 4)], params)
+    r = normswap.convert(m, to="fold")
+    assert r.report.layers[0].action == "affine" and "Concat" in r.report.layers[0].reason
+    assert ops(r.model) == ["Concat", "Mul", "Add"] and r.report.passed
+    kept = normswap.convert(m, to="fold", keep_unfoldable=True, validate=False)
+    assert kept.report.layers[0].action == "kept" and ops(kept.model) == ["Concat", "BatchNormalization"]
+
+
+def test_bn_on_graph_input_and_bn_after_bn():
+    rng = np.random.default_rng(2)
+    n1, p1 = bn_params(3, rng, "bn1")
+    n2, p2 = bn_params(3, rng, "bn2")
+    nodes = [bn_node("x", "h", n1, name="bn1"), bn_node("h", "y", n2, name="bn2")]
+    m = model(nodes, [vi("x", [2, 3, 4])], [out("y", 3)], p1 + p2)
+    r = normswap.convert(m, to="fold")
+    assert [layer.action for layer in r.report.layers] == ["affine", "affine"]
+    assert "graph input" in r.report.layers[0].reason and r.report.passed
+    assert r.report.nodes_after - r.report.nodes_before <= 2  # at most one more node per BN made affine
+
+
+def test_chained_bns_after_a_conv_both_fold():
+    rng = np.random.default_rng(3)
+    m = conv_bn(rng)
+    n2, p2 = bn_params(6, rng, "bn2")
+    m.graph.node[1].output[0] = "h"
+    m.graph.node.append(bn_node("h", "y", n2, name="bn2"))
+    m.graph.initializer.extend(p2)
+    r = normswap.convert(m, to="fold")
+    assert [layer.action for layer in r.report.layers] == ["folded", "folded"]
+    assert ops(r.model) == ["Conv"] and r.report.passed
+
+
+def test_affine_target_turns_every_bn_into_mul_add():
+    rng = np.random.default_rng(4)
+    r = normswap.convert(conv_bn(rng), to="affine")
+    assert ops(r.model) == ["Conv", "Mul", "Add"] and r.report.layers[0].action == "affine"
+    assert r.report.passed and r.report.validation.check == "exact"
+
+
+def test_bn15_fp16_input_with_fp32_params_gives_a_valid_typed_model():
+    rng = np.random.default_rng(5)
+    names, params = bn_params(4, rng)  # fp32 parameters
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), bn_node("r", "y", names)]
+    m = model(nodes, [vi("x", [2, 4, 3, 3], TensorProto.FLOAT16)], [out("y", 4, TensorProto.FLOAT16)], params,
+              opset=15)
+    r = normswap.convert(m, to="fold")
+    onnx.shape_inference.infer_shapes(r.model, check_type=True, strict_mode=True)
+    assert r.report.layers[0].action == "affine" and r.report.passed
+    consts = [t for t in r.model.graph.initializer if "affine" in t.name]
+    assert consts and all(t.data_type == TensorProto.FLOAT16 for t in consts)
+
+
+def test_non_constant_bn_parameters_are_kept_with_the_reason():
+    rng = np.random.default_rng(6)
+    names, params = bn_params(4, rng)
+    m = model([bn_node("x", "y", ["g"] + names[1:])], [vi("x", [2, 4, 3]), vi("g", [4])], [out("y", 3)],
+              params[1:])
+    r = normswap.convert(m, to="fold", validate=False)
+    assert r.report.layers[0].action == "kept" and "not constant" in r.report.layers[0].reason
+
+
+def test_initializer_listed_as_input_is_overridable_from_ir4_and_constant_before():
+    rng = np.random.default_rng(7)
+    m = conv_bn(rng)
+    m.graph.input.extend([helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                          for t in m.graph.initializer])
+    r = normswap.convert(m, to="fold", validate=False)  # IR 8: overridable, like onnxruntime
+    assert r.report.layers[0].action == "kept" and "override" in r.report.layers[0].reason
+    old = onnx.ModelProto()
+    old.CopyFrom(m)
+    old.ir_version = 3
+    old.opset_import[0].version = 9
+    r3 = normswap.convert(old, to="fold")
+    assert r3.report.layers[0].action == "folded" and r3.report.passed
+    inits = {t.name for t in r3.model.graph.initializer}
+    assert inits <= {i.name for i in r3.model.graph.input}  # IR 3 needs every initializer listed as input
+    assert not {"W", "bn.gamma"} & inits
+
+
+def test_parameters_from_constant_nodes_and_constant_subgraphs_fold():
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((4, 4, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["W"], value=onnx.numpy_helper.from_array(w)),
+        helper.make_node("Shape", ["W"], ["ws"]),
+        helper.make_node("Slice", ["ws", "zero", "one"], ["c"]),
+        helper.make_node("ConstantOfShape", ["c"], ["ones"], value=helper.make_tensor("v", 1, [1], [1.0])),
+        helper.make_node("CastLike", ["ones", "x"], ["gamma"]),
+        helper.make_node("Constant", [], ["beta"], value_floats=[0.1, 0.2, 0.3, 0.4]),
+        helper.make_node("Expand", ["half", "c"], ["var"]),
+        helper.make_node("Conv", ["x", "W"], ["conv"]),
+        bn_node("conv", "y", ["gamma", "beta", "mean", "var"]),
+    ]
+    inits = [init("zero", np.array([0], np.int64)), init("one", np.array([1], np.int64)),
+             init("half", np.array([0.5], np.float32)), init("mean", rng.standard_normal(4).astype(np.float32))]
+    m = model(nodes, [vi("x", [2, 4, 3, 3])], [out("y", 4)], inits)
+    r = normswap.convert(m, to="fold")
+    assert r.report.layers[0].action == "folded" and r.report.passed
+    assert ops(r.model) == ["Conv"]  # the constant subgraphs that only fed folded parameters are gone
+    assert {t.name for t in r.model.graph.initializer} == {"conv.weight_bnfolded", "conv.bias_bnfolded"}
+
+
+@pytest.mark.parametrize("kind", ["If", "Loop"])
+def test_bn_inside_control_flow_bodies_is_rewritten(kind):
+    rng = np.random.default_rng(9)
+    names, params = bn_params(4, rng)
+    w = init("W", rng.standard_normal((4, 4, 1, 1)).astype(np.float32))
+    body_nodes = [helper.make_node("Conv", ["x", "W"], ["bc"], name="body_conv"),
+                  bn_node("bc", "by", names, name="body_bn")]
+    if kind == "If":
+        then_g = helper.make_graph(body_nodes, "then", [], [out("by", 4)])
+        else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["ey"])], "else", [], [out("ey", 4)])
+        node = helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)
+        inputs = [vi("x", [2, 4, 3, 3]), vi("cond", [], TensorProto.BOOL)]
+    else:
+        cond_out = helper.make_node("Identity", ["cond_in"], ["cond_out"])
+        body = helper.make_graph([cond_out] + body_nodes, "body",
+                                 [vi("i", [], TensorProto.INT64), vi("cond_in", [], TensorProto.BOOL)],
+                                 [vi("cond_out", [], TensorProto.BOOL), out("by", 4)])
+        node = helper.make_node("Loop", ["trip", ""], ["y"], body=body)
+        inputs = [vi("x", [2, 4, 3, 3]), vi("trip", [], TensorProto.INT64)]
+    m = model([node], inputs, [out("y", 5 if kind == "Loop" else 4)], [w] + params)
+    r = normswap.convert(m, to="fold", validate=False)
+    assert [(layer.action, layer.graph.split("/")[0]) for layer in r.report.layers] == [("folded", "main")]
+    assert r.report.layers[0].graph != "main"
+    onnx.checker.check_model(r.model)
+    body = r.model.graph.node[0].attribute[0].g
+    assert "BatchNormalization" not in [n.op_type for n in body.node]
+    feeds = {"x": rng.standard_normal((2, 4, 3, 3)).astype(np.float32)}
+    feeds.update({"cond": np.array(True)} if kind == "If" else {"trip": np.array(2, np.int64)})
+    np.testing.assert_allclose(run(r.model, feeds)[0], run(m, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_interface_opsets_ir_and_metadata_are_preserved():
+    rng = np.random.default_rng(10)
+    m = conv_bn(rng)
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    m.producer_name, m.doc_string = "tests", "a model"
+    helper.set_model_props(m, {"author": "me"})
+    m.opset_import.append(helper.make_opsetid("com.example", 1))
+    r = normswap.convert(m, to="fold", validate=False).model
+    assert r.ir_version == IR and list(r.opset_import) == list(m.opset_import)
+    assert r.graph.input == m.graph.input and r.graph.output == m.graph.output
+    assert list(r.metadata_props) == list(m.metadata_props) and r.producer_name == "tests"
+    assert r.doc_string == "a model"
+
+
+def test_the_input_model_is_never_mutated():
+    rng = np.random.default_rng(11)
+    m = conv_bn(rng)
+    before = m.SerializeToString()
+    normswap.convert(m, to="fold")
+    normswap.inspect(m)
+    assert m.SerializeToString() == before
+
+
+def test_inspect_agrees_with_convert():
+    rng = np.random.default_rng(12)
+    m = conv_bn(rng, extra_consumer=True)
+    sites = normswap.inspect(m).sites
+    assert len(sites) == 1 and sites[0]["foldable"] is False and sites[0]["action_under_fold"] == "affine"
+    assert "other consumer" in sites[0]["reason"] and sites[0]["producer_op"] == "Conv"
+    assert normswap.inspect(conv_bn(rng)).sites[0]["foldable"] is True
