@@ -1,0 +1,140 @@
+"""The CLI through a real subprocess: exit codes, one-line errors, reports and the files left behind."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.builders import conv_bn
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "normswap.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    p = tmp_path / "m.onnx"
+    onnx.save_model(conv_bn(np.random.default_rng(0)), str(p))
+    return p
+
+
+def test_convert_writes_default_output_and_json_report(model_path, tmp_path):
+    r = cli("convert", model_path, "--to", "fold", "--report", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    assert "1 folded" in r.stdout and "CPUExecutionProvider" in r.stdout
+    out = tmp_path / "m.fold.onnx"
+    assert out.exists() and "BatchNormalization" not in [n.op_type for n in onnx.load(str(out)).graph.node]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["target"] == "fold" and report["passed"] is True
+    layer = report["layers"][0]
+    assert {"name", "action", "reason", "channels"} <= set(layer) and layer["action"] == "folded"
+    assert layer["channels"] == 6
+    v = report["validation"]
+    assert v["providers"] == ["CPUExecutionProvider"]
+    assert {"name", "max_abs", "max_rel", "mean_abs", "cosine", "top1_agreement", "passed"} <= set(v["outputs"][0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fold.onnx", "m.onnx", "r.json"]
+
+
+def test_report_to_stdout_is_pure_json(model_path):
+    r = cli("convert", model_path, "--to", "affine", "--report", "-")
+    assert r.returncode == 0 and json.loads(r.stdout)["layers"][0]["action"] == "affine"
+
+
+def test_output_equal_to_input_is_refused_unless_in_place(model_path, tmp_path):
+    before = model_path.read_bytes()
+    r = cli("convert", model_path, "--to", "fold", "-o", model_path)
+    assert r.returncode == 2 and "--in-place" in r.stderr and model_path.read_bytes() == before
+    link = tmp_path / "link.onnx"
+    os.symlink(model_path, link)
+    assert cli("convert", model_path, "--to", "fold", "-o", link).returncode == 2
+    r = cli("convert", model_path, "--to", "fold", "--in-place")
+    assert r.returncode == 0 and model_path.read_bytes() != before
+    assert "BatchNormalization" not in [n.op_type for n in onnx.load(str(model_path)).graph.node]
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x04K\x01.", b"just text\n"])
+def test_invalid_input_exits_3_with_one_line(tmp_path, content):
+    p = tmp_path / "bad.onnx"
+    p.write_bytes(content)
+    r = cli("convert", p, "--to", "fold")
+    assert r.returncode == 3
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("normswap: error:") and "Traceback" not in r.stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    p = tmp_path / "bad.onnx"
+    p.write_bytes(b"")
+    r = cli("--debug", "convert", p, "--to", "fold")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_usage_errors_exit_2(model_path):
+    assert cli("convert", model_path, "--to", "nonsense").returncode == 2
+    assert cli("convert", model_path).returncode == 2  # --to is required
+    r = cli("convert", model_path, "--to", "fold", "--input-shape", "x:a,b")
+    assert r.returncode == 2 and "--input-shape" in r.stderr
+    assert cli("convert", model_path.parent / "missing.onnx", "--to", "fold").returncode == 2
+
+
+def test_cuda_required_but_unusable_exits_4(model_path):
+    import onnxruntime as ort
+    from normswap.validate.providers import cuda_status
+    if cuda_status(ort)[0]:
+        pytest.skip("CUDA is usable on this machine")
+    r = cli("convert", model_path, "--to", "fold", "--provider", "cuda")
+    assert r.returncode == 4 and "CUDA was requested" in r.stderr
+    assert not (model_path.parent / "m.fold.onnx").exists()
+
+
+def test_unwritable_output_exits_5(model_path, tmp_path):
+    r = cli("convert", model_path, "--to", "fold", "-o", tmp_path / "no" / "such" / "dir.onnx")
+    assert r.returncode == 5 and "does not exist" in r.stderr
+
+
+def test_validation_failure_exits_1_and_publishes_nothing(model_path, tmp_path):
+    # --atol 0 --rtol 0 demands bit-exactness, which a fold in float32 cannot give
+    out = tmp_path / "o.onnx"
+    r = cli("convert", model_path, "--to", "fold", "--atol", "0", "--rtol", "0", "-o", out,
+            "--report", tmp_path / "r.json")
+    assert r.returncode == 1 and not out.exists() and "nothing written" in r.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
+    r = cli("convert", model_path, "--to", "fold", "--atol", "0", "--rtol", "0", "-o", out, "--keep-invalid")
+    assert r.returncode == 1 and out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_validate_command(model_path, tmp_path):
+    cli("convert", model_path, "--to", "fold", "--no-validate")
+    folded = tmp_path / "m.fold.onnx"
+    r = cli("validate", model_path, folded, "--report", tmp_path / "v.json")
+    assert r.returncode == 0 and "passed" in r.stdout
+    assert json.loads((tmp_path / "v.json").read_text())["passed"] is True
+    other = tmp_path / "other.onnx"
+    onnx.save_model(conv_bn(np.random.default_rng(99)), str(other))
+    r = cli("validate", model_path, other)
+    assert r.returncode == 1 and "FAIL" in r.stdout
+
+
+def test_inspect_lists_sites_as_table_and_json(model_path):
+    r = cli("inspect", model_path)
+    assert r.returncode == 0 and "BatchNormalization" in r.stdout and "1 foldable" in r.stdout
+    sites = json.loads(cli("inspect", model_path, "--json").stdout)["sites"]
+    assert sites[0]["producer_op"] == "Conv" and sites[0]["foldable"] is True and sites[0]["channels"] == 6
+
+
+def test_quick_start_fixture(tmp_path):
+    for name in ("digits_resnet.onnx", "digits_heldout.npz"):
+        shutil.copy(FIXTURES / name, tmp_path / name)
+    r = cli("convert", "digits_resnet.onnx", "--to", "fold", "--inputs", "digits_heldout.npz", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "6 folded" in r.stdout and (tmp_path / "digits_resnet.fold.onnx").exists()

@@ -1,0 +1,176 @@
+"""Safe loading (nothing unsafe read, nothing unpickled) and atomic saving, external data included."""
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import numpy as np
+import onnx
+import pytest
+
+import normswap
+from normswap.errors import InvalidModelError, OutputError, UsageError
+from normswap.onnx import io as nio
+from tests.builders import conv_bn
+
+
+def _external_model(tmp_path, rng=None):
+    """A conv_bn model saved with its weights in model.onnx.data."""
+    m = conv_bn(rng or np.random.default_rng(0), cin=16, cout=16)
+    path = tmp_path / "model.onnx"
+    scratch = onnx.ModelProto()
+    scratch.CopyFrom(m)  # onnx.save_model moves the data out of the proto it is given
+    onnx.save_model(scratch, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data",
+                    size_threshold=0)
+    return m, path
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b"", "is empty"),
+    (pickle.dumps({"a": 1}), "pickle"),
+    (b"hello, I am text\n", "text file"),
+    (b"\x08\x07\x12\xff\xff\xff", "not a valid ONNX model"),
+])
+def test_bad_files_are_refused_clearly(tmp_path, content, expected):
+    p = tmp_path / "bad.onnx"
+    p.write_bytes(content)
+    with pytest.raises(InvalidModelError, match=expected):
+        nio.load_model(p)
+
+
+def test_zip_and_truncated_models_are_refused(tmp_path):
+    z = tmp_path / "ckpt.onnx"
+    with zipfile.ZipFile(z, "w") as f:
+        f.writestr("data.pkl", b"x")
+    with pytest.raises(InvalidModelError, match="zip"):
+        nio.load_model(z)
+    good = conv_bn(np.random.default_rng(0)).SerializeToString()
+    t = tmp_path / "trunc.onnx"
+    t.write_bytes(good[: len(good) // 2])
+    with pytest.raises(InvalidModelError):
+        nio.load_model(t)
+
+
+def test_external_data_loads_when_safe(tmp_path):
+    m, path = _external_model(tmp_path)
+    loaded = nio.load_model(path)
+    assert loaded.had_external_data
+    w = next(t for t in loaded.model.graph.initializer if t.name == "W")
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(w),
+                                  onnx.numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "W")))
+
+
+def _set_location(path, **fields):
+    m = onnx.load(path, load_external_data=False)
+    t = next(t for t in m.graph.initializer if t.name == "W")
+    for entry in t.external_data:
+        if entry.key in fields:
+            entry.value = str(fields.pop(entry.key))
+    for key, value in fields.items():
+        e = t.external_data.add()
+        e.key, e.value = key, str(value)
+    path.write_bytes(m.SerializeToString())
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"location": "/etc/passwd"}, "absolute"),
+    ({"location": "../model.onnx.data"}, "escapes"),
+    ({"location": "sub/../../x.data"}, "escapes"),
+    ({"location": "missing.data"}, "missing"),
+    ({"offset": 10**9}, "truncated"),
+    ({"length": 12}, "does not belong"),
+])
+def test_unsafe_external_data_is_refused_before_reading(tmp_path, fields, message):
+    _, path = _external_model(tmp_path)
+    _set_location(path, **fields)
+    with pytest.raises(InvalidModelError, match=message):
+        nio.load_model(path)
+
+
+def test_external_data_through_a_symlink_or_hardlink_is_refused(tmp_path):
+    _, path = _external_model(tmp_path)
+    (tmp_path / "model.onnx.data").rename(tmp_path / "real.data")
+    os.symlink(tmp_path / "real.data", tmp_path / "model.onnx.data")
+    with pytest.raises(InvalidModelError, match="link"):
+        nio.load_model(path)
+    os.unlink(tmp_path / "model.onnx.data")
+    os.link(tmp_path / "real.data", tmp_path / "model.onnx.data")
+    with pytest.raises(InvalidModelError, match="hard-linked"):
+        nio.load_model(path)
+
+
+def test_convert_never_modifies_input_or_its_external_data(tmp_path):
+    _, path = _external_model(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    r = normswap.convert(path, to="fold")
+    written = r.save(tmp_path / "out.onnx")
+    assert {p.name for p in written} == {"out.onnx", "out.onnx.data"}  # input had external data: so does output
+    for name, data in before.items():
+        assert (tmp_path / name).read_bytes() == data
+    assert normswap.validate(path, tmp_path / "out.onnx").passed
+
+
+def test_large_models_are_saved_with_external_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(nio, "EXTERNAL_DATA_THRESHOLD", 1000)  # stand-in for the 2 GB protobuf limit
+    m = conv_bn(np.random.default_rng(1), cin=16, cout=16)
+    written = nio.save_model(m, tmp_path / "big.onnx")
+    assert len(written) == 2 and written[1].stat().st_size > 0
+    assert (tmp_path / "big.onnx").stat().st_size < m.ByteSize()
+    back = nio.load_model(tmp_path / "big.onnx").model
+    assert back.graph.initializer[0].raw_data == m.graph.initializer[0].raw_data
+    assert m.graph.initializer[0].data_location == onnx.TensorProto.DEFAULT  # the in-memory model is untouched
+
+
+def test_save_errors_leave_no_temp_files(tmp_path):
+    m = conv_bn(np.random.default_rng(2))
+    with pytest.raises(OutputError, match="does not exist"):
+        nio.save_model(m, tmp_path / "nope" / "m.onnx")
+
+    class Boom(Exception):
+        pass
+
+    def failing(f):
+        f.write(b"partial")
+        raise Boom()
+
+    (tmp_path / "m.onnx").write_bytes(b"old")
+    with pytest.raises(Boom):
+        nio.write_atomically(tmp_path / "m.onnx", failing)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert (tmp_path / "m.onnx").read_bytes() == b"old"
+
+
+def test_killed_during_write_leaves_old_or_complete_new(tmp_path):
+    dest = tmp_path / "m.onnx"
+    old = conv_bn(np.random.default_rng(3), cin=8, cout=8)
+    new = conv_bn(np.random.default_rng(4), cin=64, cout=64)
+    dest.write_bytes(old.SerializeToString())
+    new_path = tmp_path / "new.bin"
+    new_path.write_bytes(new.SerializeToString())
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from normswap.onnx.io import write_atomically
+        data = Path({str(new_path)!r}).read_bytes()
+        def slow(f):
+            for k in range(0, len(data), 4096):
+                f.write(data[k:k + 4096]); f.flush()
+                if k == 8192:
+                    print("writing", flush=True); time.sleep(30)
+        write_atomically(Path({str(dest)!r}), slow)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert dest.read_bytes() == old.SerializeToString()  # the old file, intact
+    nio.write_atomically(dest, lambda f: f.write(new_path.read_bytes()))
+    assert nio.load_model(dest).model == new  # the complete new one
+
+
+def test_missing_input_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError):
+        normswap.convert(tmp_path / "none.onnx")

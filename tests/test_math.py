@@ -1,0 +1,137 @@
+"""Property tests: every fold formula equals a direct float64 evaluation of producer-then-BatchNorm."""
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from normswap._math import (batchnorm_reference, bn_affine, fold_bias, fold_conv_transpose_weight, fold_conv_weight,
+                            fold_matrix_columns, per_channel_shape)
+
+
+def conv_ref(x, w, b, group):
+    """Grouped N-D convolution (cross-correlation), stride 1, no padding, float64."""
+    n, c = x.shape[:2]
+    m, cg = w.shape[:2]
+    k = w.shape[2:]
+    out_sp = tuple(s - kk + 1 for s, kk in zip(x.shape[2:], k))
+    y = np.zeros((n, m) + out_sp)
+    mg = m // group
+    for off in np.ndindex(*k):
+        sl = tuple(slice(o, o + s) for o, s in zip(off, out_sp))
+        patch = x[(slice(None), slice(None)) + sl]
+        for g in range(group):
+            wg = w[g * mg:(g + 1) * mg, :, *off]
+            y[:, g * mg:(g + 1) * mg] += np.einsum("nc...,mc->nm...", patch[:, g * cg:(g + 1) * cg], wg)
+    return y + (0 if b is None else b.reshape((1, -1) + (1,) * len(k)))
+
+
+def conv_transpose_ref(x, w, b, group):
+    """Grouped N-D transposed convolution, stride 1, no padding, float64 (scatter form)."""
+    n, c = x.shape[:2]
+    cg, mg = c // group, w.shape[1]
+    k = w.shape[2:]
+    out_sp = tuple(s + kk - 1 for s, kk in zip(x.shape[2:], k))
+    y = np.zeros((n, mg * group) + out_sp)
+    for off in np.ndindex(*k):
+        sl = tuple(slice(o, o + s) for o, s in zip(off, x.shape[2:]))
+        for g in range(group):
+            contrib = np.einsum("nc...,cm->nm...", x[:, g * cg:(g + 1) * cg], w[g * cg:(g + 1) * cg, :, *off])
+            y[(slice(None), slice(g * mg, (g + 1) * mg)) + sl] += contrib
+    return y + (0 if b is None else b.reshape((1, -1) + (1,) * len(k)))
+
+
+params = st.fixed_dictionaries({
+    "dims": st.integers(1, 3), "group": st.sampled_from([1, 2, 3]), "cin_per_group": st.integers(1, 3),
+    "cout_per_group": st.integers(1, 3), "k": st.integers(1, 3), "bias": st.booleans(),
+    "eps": st.sampled_from([1e-5, 1e-3, 0.1]), "seed": st.integers(0, 2**16),
+    "dtype": st.sampled_from([np.float64, np.float32, np.float16]),
+})
+
+
+def _bn(rng, c, dtype):
+    return (rng.uniform(0.2, 2, c).astype(dtype), rng.uniform(-1, 1, c).astype(dtype),
+            rng.uniform(-2, 2, c).astype(dtype), rng.uniform(0.1, 3, c).astype(dtype))
+
+
+def _tol(dtype):
+    return {np.float64: 1e-10, np.float32: 1e-5, np.float16: 2e-3}[dtype]
+
+
+@settings(max_examples=60, deadline=None)
+@given(params)
+def test_conv_fold_equals_conv_then_bn(p):
+    rng = np.random.default_rng(p["seed"])
+    g, cin, cout = p["group"], p["group"] * p["cin_per_group"], p["group"] * p["cout_per_group"]
+    x = rng.standard_normal((2, cin) + (p["k"] + 2,) * p["dims"])
+    w = rng.standard_normal((cout, cin // g) + (p["k"],) * p["dims"]).astype(p["dtype"])
+    b = rng.standard_normal(cout).astype(p["dtype"]) if p["bias"] else None
+    bn = _bn(rng, cout, p["dtype"])
+    expected = batchnorm_reference(conv_ref(x, w.astype(np.float64), None if b is None else b.astype(np.float64), g),
+                                   *bn, p["eps"])
+    s, t = bn_affine(*bn, p["eps"])
+    w2 = fold_conv_weight(w, s).astype(p["dtype"])  # cast once, like the rule does
+    b2 = fold_bias(b, s, t).astype(p["dtype"])
+    got = conv_ref(x, w2.astype(np.float64), b2.astype(np.float64), g)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(got, expected, atol=_tol(p["dtype"]) * scale * 10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(params)
+def test_conv_transpose_fold_equals_conv_transpose_then_bn(p):
+    rng = np.random.default_rng(p["seed"])
+    g, cin, cout = p["group"], p["group"] * p["cin_per_group"], p["group"] * p["cout_per_group"]
+    x = rng.standard_normal((2, cin) + (3,) * p["dims"])
+    w = rng.standard_normal((cin, cout // g) + (p["k"],) * p["dims"]).astype(p["dtype"])
+    b = rng.standard_normal(cout).astype(p["dtype"]) if p["bias"] else None
+    bn = _bn(rng, cout, p["dtype"])
+    expected = batchnorm_reference(
+        conv_transpose_ref(x, w.astype(np.float64), None if b is None else b.astype(np.float64), g), *bn, p["eps"])
+    s, t = bn_affine(*bn, p["eps"])
+    w2 = fold_conv_transpose_weight(w, s, g).astype(p["dtype"])
+    b2 = fold_bias(b, s, t).astype(p["dtype"])
+    got = conv_transpose_ref(x, w2.astype(np.float64), b2.astype(np.float64), g)
+    np.testing.assert_allclose(got, expected, atol=_tol(p["dtype"]) * np.abs(expected).max() * 10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 6), st.booleans(), st.booleans(), st.integers(0, 2**16),
+       st.sampled_from([1e-5, 0.01]))
+def test_matrix_fold_equals_matmul_then_bn(k, n, transposed, bias, seed, eps):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((3, k))
+    w = rng.standard_normal((n, k) if transposed else (k, n))
+    b = rng.standard_normal(n) if bias else None
+    bn = _bn(rng, n, np.float64)
+    y = a @ (w.T if transposed else w) + (0 if b is None else b)
+    expected = batchnorm_reference(y, *bn, eps)
+    s, t = bn_affine(*bn, eps)
+    w2 = fold_matrix_columns(w, s, transposed)
+    got = a @ (w2.T if transposed else w2) + fold_bias(b, s, t)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 5), st.integers(1, 8), st.integers(0, 2**16))
+def test_affine_shape_broadcasts_per_channel(rank, c, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, c) + (3,) * (rank - 2))
+    bn = _bn(rng, c, np.float64)
+    s, t = bn_affine(*bn, 1e-5)
+    shape = per_channel_shape(c, rank)
+    np.testing.assert_allclose(x * s.reshape(shape) + t.reshape(shape), batchnorm_reference(x, *bn, 1e-5),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_conv_transpose_fold_scales_axis_1_per_group():
+    # regressions: scaling axis 0 (ultralytics#25364) and ignoring groups (pytorch#180995)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 2, 2, 2))  # C_in=4, group=2 -> M = 4, output channel g*2 + j
+    s = rng.uniform(0.5, 2, 4)
+    got = fold_conv_transpose_weight(w, s, 2)
+    expected = w.copy()
+    for i in range(4):
+        for j in range(2):
+            expected[i, j] *= s[(i // 2) * 2 + j]
+    np.testing.assert_allclose(got, expected)
+    assert not np.allclose(got, w * s.reshape(4, 1, 1, 1))  # the axis-0 bug
+    assert not np.allclose(got[2:], w[2:] * s[:2].reshape(1, 2, 1, 1))  # the ignored-group bug

@@ -1,0 +1,139 @@
+"""Validation: provider selection (with a stand-in runtime), inputs, metrics, and reports."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import normswap
+from normswap.errors import InvalidModelError, UnsupportedError, UsageError
+from normswap.validate import providers as prov
+from normswap.validate.compare import compare_output, top1_agreement
+from normswap.validate.inputs import parse_input_shape, random_inputs
+from tests.builders import conv_bn, model, out, vi
+
+
+class FakeRuntime:
+    """Stands in for the onnxruntime module: lists CUDA, and creates it only when ``cuda_works``."""
+
+    def __init__(self, listed=True, cuda_works=False):
+        self.listed, self.cuda_works, self.severity = listed, cuda_works, []
+
+    def get_available_providers(self):
+        return [prov.CUDA, prov.CPU] if self.listed else [prov.CPU]
+
+    def set_default_logger_severity(self, level):
+        self.severity.append(level)
+
+    class SessionOptions:
+        log_severity_level = 2
+
+    def InferenceSession(self, data, options, providers):
+        assert options.log_severity_level == prov.ORT_SILENT  # the probe is quiet
+        rt = self
+
+        class Session:
+            def get_providers(self):
+                return [p for p in providers if p != prov.CUDA or rt.cuda_works]
+        return Session()
+
+
+def test_auto_uses_cuda_only_when_a_session_really_gets_it():
+    assert prov.select_providers("auto", FakeRuntime(cuda_works=True)).providers == (prov.CUDA, prov.CPU)
+    fallback = prov.select_providers("auto", FakeRuntime(cuda_works=False))
+    assert fallback.providers == (prov.CPU,) and "fell back" in fallback.note
+    assert prov.select_providers("auto", FakeRuntime(listed=False)).providers == (prov.CPU,)
+
+
+def test_cuda_request_fails_clearly_when_cuda_is_not_usable():
+    with pytest.raises(UnsupportedError, match="CUDA was requested"):
+        prov.select_providers("cuda", FakeRuntime(cuda_works=False))
+    assert prov.select_providers("cuda", FakeRuntime(cuda_works=True)).providers[0] == prov.CUDA
+    assert prov.select_providers("cpu", FakeRuntime(cuda_works=True)).providers == (prov.CPU,)
+    with pytest.raises(UsageError):
+        prov.select_providers("tpu", FakeRuntime())
+
+
+def test_probe_restores_the_default_log_level():
+    rt = FakeRuntime(cuda_works=False)
+    prov.cuda_status(rt)
+    assert rt.severity == [prov.ORT_SILENT, prov.ORT_DEFAULT_LOG_SEVERITY]
+
+
+def test_check_ran_rejects_a_silent_cpu_fallback():
+    choice = prov.ProviderChoice("cuda", (prov.CUDA, prov.CPU), "")
+    with pytest.raises(UnsupportedError):
+        prov.check_ran(choice, [prov.CPU])
+    prov.check_ran(choice, [prov.CUDA, prov.CPU])
+
+
+def test_real_report_names_the_providers_that_ran():
+    r = normswap.convert(conv_bn(np.random.default_rng(0)), to="fold", provider="cpu")
+    assert r.report.validation.providers == [prov.CPU]
+    assert r.report.validation.reference_optimization == "ORT_DISABLE_ALL"
+
+
+def test_metrics():
+    ref = np.array([[1.0, 2.0, 3.0], [3.0, 1.0, 0.0]], np.float32)
+    c = compare_output("y", ref, ref + np.float32(1e-5))
+    assert c.passed and c.max_abs == pytest.approx(1e-5, rel=1e-2) and c.cosine == pytest.approx(1.0)
+    assert c.top1_agreement == 1.0
+    bad = compare_output("y", ref, ref[:, ::-1].copy())
+    assert not bad.passed and bad.top1_agreement == 0.0 and bad.max_rel == pytest.approx(1.0)
+    nan = ref.copy()
+    nan[0, 0] = np.nan
+    assert not compare_output("y", ref, nan).passed
+    assert not compare_output("y", ref, ref[:1]).passed
+    assert top1_agreement(np.zeros((4, 3, 2)), np.zeros((4, 3, 2))) is None
+    assert json.dumps(bad.__dict__)
+
+
+def test_half_outputs_get_half_tolerance_but_not_float32():
+    ref = np.ones((2, 2), np.float16)
+    assert compare_output("y", ref, ref + np.float16(0.004)).passed
+    assert not compare_output("y", ref.astype(np.float32), ref.astype(np.float32) + 0.004).passed
+
+
+def test_inputs_generation_and_shapes():
+    m = model([helper.make_node("Identity", ["x"], ["y"])], [vi("x", ["N", 3, "H"])], [out("y", 3)])
+    with pytest.raises(UsageError, match="--input-shape x:"):
+        random_inputs(m)
+    feeds = random_inputs(m, {"x": (1, 3, 7)})
+    assert feeds["x"].shape == (1, 3, 7) and feeds["x"].dtype == np.float32
+    with pytest.raises(UsageError, match="fixes it"):
+        random_inputs(m, {"x": (1, 4, 7)})
+    with pytest.raises(UsageError, match="unknown input"):
+        random_inputs(m, {"z": (1,)})
+    m2 = model([helper.make_node("Identity", ["x"], ["y"])], [vi("x", ["N", 3], TensorProto.INT64)], [out("y", 2)])
+    assert random_inputs(m2)["x"].shape == (2, 3)  # a symbolic batch becomes 2
+    assert parse_input_shape("in:1,3,224,224") == ("in", (1, 3, 224, 224))
+    assert parse_input_shape("a:b:2") == ("a:b", (2,))
+    for bad in ("x", "x:a,b", "x:0,1", ":1"):
+        with pytest.raises(UsageError):
+            parse_input_shape(bad)
+
+
+def test_npz_inputs_are_used_and_pickles_refused(tmp_path):
+    m = conv_bn(np.random.default_rng(1))
+    x = np.random.default_rng(2).standard_normal((2, 4, 5, 5))
+    np.savez(tmp_path / "in.npz", x=x)
+    r = normswap.validate(m, m, inputs=tmp_path / "in.npz")
+    assert r.passed and r.inputs.endswith("in.npz")
+    np.savez(tmp_path / "wrong.npz", y=x)
+    with pytest.raises(UsageError, match="no array for input"):
+        normswap.validate(m, m, inputs=tmp_path / "wrong.npz")
+    np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(InvalidModelError, match="not a plain .npz"):
+        normswap.validate(m, m, inputs=tmp_path / "obj.npz")
+
+
+def test_a_wrong_candidate_fails_validation():
+    rng = np.random.default_rng(3)
+    m = conv_bn(rng)
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(m)
+    wrong.graph.initializer[0].raw_data = np.zeros_like(onnx.numpy_helper.to_array(m.graph.initializer[0])).tobytes()
+    report = normswap.validate(m, wrong)
+    assert not report.passed and not report and report.outputs[0].max_abs > 0.1
+    assert json.loads(report.to_json())["passed"] is False
