@@ -69,21 +69,24 @@ def convert(model: ModelLike, to: str = "fold", *, keep_unfoldable: bool = False
         raise UsageError(f"unknown target '{to}'; choose one of {', '.join(TARGET_NAMES)}")
     original, source, had_external = _load(model, copy=False)
     before = graph_count(original)
-    if validate or isinstance(model, onnx.ModelProto):  # keep the original: caller's object or the reference
-        converted = onnx.ModelProto()
+    if isinstance(model, onnx.ModelProto):  # the caller's object: edit a copy, validate against the object
+        converted, reference = onnx.ModelProto(), original
         converted.CopyFrom(original)
-    else:  # loaded from a file only for this call: edit it directly, no second copy of the weights
-        converted = original
+    else:  # loaded for this call only: edit it directly (no second copy of the weights), reference = the file
+        converted, reference = original, Path(source)
     records, notes = convert_in_place(converted, to, keep_unfoldable)
+    kept = sum(r.action == "kept" for r in records)
+    if kept:
+        notes.append(f"{kept} BatchNormalization node(s) kept as they were; see each one's reason")
     report = ConversionReport(to, get_target(to).exact, source, records, before, graph_count(converted),
                               notes=notes)
     if validate:
-        report.validation = validate_models_checked(original, converted, provider, inputs, input_shapes, atol,
+        report.validation = validate_models_checked(reference, converted, provider, inputs, input_shapes, atol,
                                                     rtol, seed)
     return ConversionResult(converted, report, had_external)
 
 
-def validate_models_checked(reference: onnx.ModelProto, candidate: onnx.ModelProto, provider: str, inputs: Inputs,
+def validate_models_checked(reference: onnx.ModelProto | Path, candidate: onnx.ModelProto, provider: str, inputs: Inputs,
                             input_shapes, atol: float, rtol: float, seed: int) -> ValidationReport:
     from .validate.runner import validate_models
     if atol < 0 or rtol < 0:

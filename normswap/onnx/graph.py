@@ -62,6 +62,8 @@ class GraphIndex:
         self._dropped_refs: set[str] = set()
         self._removed_initializers: set[str] = set()
         self._changed = False
+        # Before IR 4 every initializer of the main graph must also be listed as a graph input.
+        self._lists_initializers_as_inputs = parent is None and ir_version < 4
         for i, node in enumerate(self.nodes):
             self._register(i, node)
         self.constants = ConstantEvaluator(self, opset)
@@ -149,9 +151,16 @@ class GraphIndex:
         """Store ``array`` as a new initializer of this graph and return its (fresh) name."""
         name = self.names.fresh(hint)
         tensor = self.graph.initializer.add()
-        tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        if array.dtype.kind == "f" and array.dtype.itemsize in (2, 4, 8) and array.dtype.name != "bfloat16":
+            tensor.name = name  # one copy of the bytes, straight into the graph
+            tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+            tensor.dims.extend(array.shape)
+            tensor.raw_data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        else:
+            tensor.CopyFrom(numpy_helper.from_array(array, name))
         self.initializers[name] = tensor
-        if self.ir_version < 4:  # before IR 4 every initializer must also be a graph input
+        if self._lists_initializers_as_inputs:
             self.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
             self.inputs.add(name)
         self._changed = True
@@ -173,7 +182,7 @@ class GraphIndex:
                 if not any(self.use_count(o) for o in self.nodes[p].output if o):
                     self.remove_node(p)
                     pending.extend(self._reads(self.nodes[p]))
-            elif name in self.initializers and (name not in self.inputs or self.ir_version < 4):
+            elif name in self.initializers and (name not in self.inputs or self._lists_initializers_as_inputs):
                 self._removed_initializers.add(name)
 
     def commit(self) -> None:
@@ -191,7 +200,7 @@ class GraphIndex:
             for k in reversed(range(len(self.graph.initializer))):
                 if self.graph.initializer[k].name in gone:
                     del self.graph.initializer[k]
-            if self.ir_version < 4:
+            if self._lists_initializers_as_inputs:
                 for k in reversed(range(len(self.graph.input))):
                     if self.graph.input[k].name in gone:
                         del self.graph.input[k]

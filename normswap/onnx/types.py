@@ -51,8 +51,13 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     skel.opset_import.extend(model.opset_import)
     g, src = skel.graph, model.graph
     g.name = src.name
-    g.node.extend(src.node)
     g.input.extend(src.input)
+    for node in src.node:  # large Constant nodes become typed inputs: their values are not needed
+        value = node.attribute[0].t if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        if value is not None and node.attribute[0].name == "value" and len(value.raw_data) > SKELETON_VALUE_BYTES:
+            g.input.append(onnx.helper.make_tensor_value_info(node.output[0], value.data_type, list(value.dims)))
+        else:
+            g.node.append(node)
     g.output.extend(src.output)
     g.value_info.extend(src.value_info)
     input_names = {i.name for i in src.input}

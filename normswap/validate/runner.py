@@ -22,13 +22,15 @@ from .providers import ORT_SILENT, check_ran, select_providers
 OPTIMIZATION = "ORT_DISABLE_ALL"
 
 
-def _session(model: onnx.ModelProto, providers: tuple[str, ...], workdir: str, label: str):
+def _session(model: onnx.ModelProto | str | os.PathLike, providers: tuple[str, ...], workdir: str, label: str):
     import onnxruntime as ort
     from ..onnx.io import needs_external_data, save_model
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = ORT_SILENT
-    if needs_external_data(model):
+    if isinstance(model, (str, os.PathLike)):  # a file normswap loaded and checked: onnxruntime reads it again
+        source = str(model)
+    elif needs_external_data(model):
         path = os.path.join(workdir, f"{label}.onnx")
         save_model(model, path, external_data=True)
         source = path
@@ -61,13 +63,15 @@ def make_feeds(model: onnx.ModelProto, inputs: str | os.PathLike | Mapping[str, 
     return load_npz_inputs(inputs, model), str(inputs)
 
 
-def validate_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *, provider: str = "auto",
+def validate_models(reference: onnx.ModelProto | str | os.PathLike, candidate: onnx.ModelProto, *, provider: str = "auto",
                     inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
                     input_shapes: Mapping[str, tuple[int, ...]] | None = None, atol: float = DEFAULT_ATOL,
                     rtol: float = DEFAULT_RTOL, seed: int = 0) -> ValidationReport:
-    """Run both models on the same inputs and compare every output of the reference by name."""
+    """Run both models on the same inputs and compare every output of the reference by name. ``reference`` may be
+    the path of the unmodified original (then the inputs are read off the candidate, which has the same ones)."""
     choice = select_providers(provider)
-    feeds, source = make_feeds(reference, inputs, input_shapes, seed)
+    feeds, source = make_feeds(reference if isinstance(reference, onnx.ModelProto) else candidate, inputs,
+                               input_shapes, seed)
     with tempfile.TemporaryDirectory(prefix="normswap-") as workdir:
         ref_session = _session(reference, choice.providers, workdir, "reference")
         cand_session = _session(candidate, choice.providers, workdir, "candidate")

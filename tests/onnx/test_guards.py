@@ -194,3 +194,74 @@ def test_inspect_agrees_with_convert():
     assert len(sites) == 1 and sites[0]["foldable"] is False and sites[0]["action_under_fold"] == "affine"
     assert "other consumer" in sites[0]["reason"] and sites[0]["producer_op"] == "Conv"
     assert normswap.inspect(conv_bn(rng)).sites[0]["foldable"] is True
+
+
+def test_spatial_zero_bn_is_kept():
+    rng = np.random.default_rng(13)
+    m = conv_bn(rng)
+    m.graph.node[1].attribute.append(helper.make_attribute("spatial", 0))
+    m.opset_import[0].version = 7
+    r = normswap.convert(m, to="fold", validate=False)
+    assert r.report.layers[0].action == "kept" and "spatial=0" in r.report.layers[0].reason
+    assert any("kept" in note for note in r.report.notes)
+
+
+def test_bn_whose_running_statistics_outputs_are_used_is_kept():
+    rng = np.random.default_rng(14)
+    names, params = bn_params(4, rng)
+    node = helper.make_node("BatchNormalization", ["x"] + names, ["y", "rm", "rv"], training_mode=1)
+    m = model([node], [vi("x", [2, 4, 3])], [out("y", 3), out("rm", 1), out("rv", 1)], params, opset=15)
+    r = normswap.convert(m, to="affine", validate=False)
+    assert r.report.layers[0].action == "kept"
+    node.ClearField("attribute")  # inference mode but statistics outputs wired: still kept
+    m2 = model([node], [vi("x", [2, 4, 3])], [out("y", 3), out("rm", 1), out("rv", 1)], params, opset=9)
+    r2 = normswap.convert(m2, to="affine", validate=False)
+    assert r2.report.layers[0].action == "kept" and "running-statistics outputs" in r2.report.layers[0].reason
+
+
+def test_unknown_input_rank_keeps_the_bn_instead_of_guessing():
+    rng = np.random.default_rng(15)
+    names, params = bn_params(4, rng)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)  # rank unknown
+    m = model([bn_node("x", "y", names)], [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+              params)
+    r = normswap.convert(m, to="fold", validate=False)
+    assert r.report.layers[0].action == "kept" and "rank of its input is unknown" in r.report.layers[0].reason
+    assert ops(r.model) == ["BatchNormalization"]
+
+
+def test_channel_count_mismatch_is_kept():
+    rng = np.random.default_rng(16)
+    names, params = bn_params(4, rng)
+    m = model([bn_node("x", "y", names)], [vi("x", [2, 5, 3])], [out("y", 3)], params)
+    r = normswap.convert(m, to="fold", validate=False)
+    assert r.report.layers[0].action == "kept" and "5 channels" in r.report.layers[0].reason
+
+
+def test_bn_inside_a_scan_body_and_ir3_subgraph_keeps_its_signature():
+    rng = np.random.default_rng(17)
+    names, params = bn_params(4, rng)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["s_in"], ["s_out"]),
+         helper.make_node("Conv", ["xi", "W"], ["c"]), bn_node("c", "yi", names)],
+        "scan_body", [vi("s_in", [1]), vi("xi", [2, 4, 3, 3])], [vi("s_out", [1]), out("yi", 4)])
+    node = helper.make_node("Scan", ["s0", "xs"], ["s_final", "ys"], body=body, num_scan_inputs=1)
+    m = model([node], [vi("s0", [1]), vi("xs", [3, 2, 4, 3, 3])], [vi("s_final", [1]), out("ys", 5)],
+              [init("W", rng.standard_normal((4, 4, 1, 1)).astype(np.float32))] + params)
+    r = normswap.convert(m, to="fold", validate=True)
+    assert r.report.layers[0].action == "folded" and r.report.passed
+    sub = r.model.graph.node[0].attribute[0].g
+    assert [i.name for i in sub.input] == ["s_in", "xi"] and "BatchNormalization" not in [n.op_type for n in sub.node]
+
+
+def test_custom_domain_producers_are_not_folded_into():
+    rng = np.random.default_rng(18)
+    names, params = bn_params(4, rng)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], domain="com.example"), bn_node("c", "y", names)]
+    m = model(nodes, [vi("x", [2, 4, 3, 3])], [out("y", 4)],
+              [init("W", rng.standard_normal((4, 4, 1, 1)).astype(np.float32))] + params)
+    m.opset_import.append(helper.make_opsetid("com.example", 1))
+    m.graph.value_info.append(vi("c", [2, 4, 3, 3]))  # shape inference cannot see through a custom op
+    r = normswap.convert(m, to="fold", validate=False)
+    assert r.report.layers[0].action == "affine" and "com.example" not in str(r.model.graph.initializer)
+    assert r.model.graph.node[0].input[1] == "W"

@@ -44,11 +44,11 @@ def _through_bias_add(site: BnSite) -> tuple[int, int | None, np.ndarray | None]
     node = g.nodes[p]
     if node.op_type in OPS and node.domain in ("", "ai.onnx"):
         return p, None, None
-    if node.op_type != "Add" or len(node.input) != 2:
+    if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
         return None
     for k in (0, 1):
         q = g.producer_of(node.input[k])
-        if q is None or g.nodes[q].op_type not in OPS:
+        if q is None or g.nodes[q].op_type not in OPS or g.nodes[q].domain not in ("", "ai.onnx"):
             continue
         const = g.constant(node.input[1 - k])
         if const is None:

@@ -38,13 +38,15 @@ def _producer(site: BnSite) -> tuple[int, int | None, np.ndarray | None] | Skip 
     if p is None:
         return None
     node = g.nodes[p]
+    if node.domain not in ("", "ai.onnx"):
+        return None
     if node.op_type in ("Gemm", "MatMul"):
         return p, None, None
     if node.op_type != "Add" or len(node.input) != 2:
         return None
     for k in (0, 1):
         q = g.producer_of(node.input[k])
-        if q is None or g.nodes[q].op_type != "MatMul":
+        if q is None or g.nodes[q].op_type != "MatMul" or g.nodes[q].domain not in ("", "ai.onnx"):
             continue
         const = g.constant(node.input[1 - k])
         if const is None:
