@@ -11,6 +11,16 @@ from dataclasses import asdict, dataclass, field
 ACTIONS = ("folded", "affine", "converted", "kept", "skipped")
 
 
+class _Json:
+    """``to_json()`` from the subclass's ``to_dict()``."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+
 @dataclass
 class LayerRecord:
     """One normalization site and what happened to it."""
@@ -53,7 +63,7 @@ class OutputComparison:
 
 
 @dataclass
-class ValidationReport:
+class ValidationReport(_Json):
     """How the comparison was run and what it found."""
 
     check: str  # "exact": within atol/rtol
@@ -77,12 +87,9 @@ class ValidationReport:
         d["passed"] = self.passed
         return d
 
-    def to_json(self, indent: int = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
 
 @dataclass
-class ConversionReport:
+class ConversionReport(_Json):
     """What ``convert`` did: one record per normalization site, plus validation when it ran."""
 
     target: str
@@ -118,21 +125,12 @@ class ConversionReport:
             "passed": self.passed,
         }
 
-    def to_json(self, indent: int = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
 
 @dataclass
-class InspectReport:
+class InspectReport(_Json):
     """Every normalization site in a model, and whether (and why not) it folds."""
 
     source: str
     opset: int
     ir_version: int
     sites: list[dict]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self, indent: int = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)

@@ -40,29 +40,25 @@ def test_conv_transpose_folds_along_output_axis_per_group(dims, group, cin, cout
     assert r.report.layers[0].action == "folded"
 
 
-def test_conv_with_bias_add_between_folds_and_removes_the_add():
-    rng = np.random.default_rng(1)
-    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+def _conv_add_bn(rng, bias_shape):
     names, params = bn_params(6, rng)
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
              helper.make_node("Add", ["c", "b"], ["a"]),
              bn_node("a", "y", names)]
-    m = model(nodes, [vi("x", [2, 4, 5, 5])], [out("y", 4)],
-              [init("W", w), init("b", rng.standard_normal((6, 1, 1)).astype(np.float32))] + params)
-    r = _folds_exactly(m, rng)
+    return model(nodes, [vi("x", [2, 4, 5, 5])], [out("y", 4)],
+                 [init("W", rng.standard_normal((6, 4, 3, 3)).astype(np.float32)),
+                  init("b", rng.standard_normal(bias_shape).astype(np.float32))] + params)
+
+
+@pytest.mark.parametrize("bias_shape", [(6, 1, 1), (1, 6, 1, 1), (1,)])
+def test_conv_with_bias_add_between_folds_and_removes_the_add(bias_shape):
+    rng = np.random.default_rng(1)
+    r = _folds_exactly(_conv_add_bn(rng, bias_shape), rng)
     assert ops(r.model) == ["Conv"]
 
 
 def test_bias_add_that_is_not_per_channel_is_not_folded():
-    rng = np.random.default_rng(2)
-    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
-    names, params = bn_params(6, rng)
-    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Add", ["c", "b"], ["a"]),
-             bn_node("a", "y", names)]
-    m = model(nodes, [vi("x", [2, 4, 5, 5])], [out("y", 4)],
-              [init("W", w), init("b", rng.standard_normal((6, 5, 5)).astype(np.float32))] + params)
-    r = normswap.convert(m, to="fold")
+    r = normswap.convert(_conv_add_bn(np.random.default_rng(2), (6, 5, 5)), to="fold")
     assert r.report.layers[0].action == "affine"
     assert "not a per-channel bias" in r.report.layers[0].reason
     assert r.report.passed

@@ -146,3 +146,43 @@ def single_reader(graph: GraphIndex, value: str, reader: int) -> Skip | None:
     others = n - 1
     return Skip(f"the producer's output '{value}' also feeds {others} other consumer(s) "
                 f"(or is a graph output), which must keep seeing the unnormalized value")
+
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def producer_through_bias_add(site: BnSite, ops: tuple[str, ...]
+                              ) -> tuple[int, int | None, np.ndarray | None] | Skip | None:
+    """Find the node of type ``ops`` producing the BN's input, directly or through one ``Add`` of a constant.
+
+    Returns ``(producer, add or None, added constant or None)``, a ``Skip`` when an Add sits between them but
+    cannot be folded, or None when no such producer exists.
+    """
+    g = site.graph
+    p = g.producer_of(site.x)
+    if p is None or g.nodes[p].domain not in DEFAULT_DOMAINS:
+        return None
+    node = g.nodes[p]
+    if node.op_type in ops:
+        return p, None, None
+    if node.op_type != "Add" or len(node.input) != 2:
+        return None
+    for k in (0, 1):
+        q = g.producer_of(node.input[k])
+        if q is None or g.nodes[q].op_type not in ops or g.nodes[q].domain not in DEFAULT_DOMAINS:
+            continue
+        const = g.constant(node.input[1 - k])
+        if const is None:
+            return Skip(f"the Add between the {g.nodes[q].op_type} and the BN adds a non-constant value")
+        return single_reader(g, site.x, site.index) or (q, p, const)
+    return None
+
+
+def constant_float_weight(site: BnSite, node: onnx.NodeProto) -> np.ndarray | Skip:
+    """Guard: the producer's weight (input 1) is a floating-point constant."""
+    weight = site.graph.constant(node.input[1]) if len(node.input) > 1 else None
+    if weight is None:
+        return Skip(f"the {node.op_type}'s weight is not constant")
+    if elem_type_of(weight) not in FLOAT_TYPES:
+        return Skip(f"the {node.op_type}'s weight is not floating point")
+    return weight

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..._math import fold_conv_transpose_weight, fold_conv_weight, fold_bias
-from .base import FLOAT_TYPES, BnSite, Rule, Skip, attr, cast_like, elem_type_of, per_channel_vector, single_reader
+from .base import (BnSite, Rule, Skip, attr, cast_like, constant_float_weight, elem_type_of, per_channel_vector,
+                   producer_through_bias_add, single_reader)
 
 OPS = ("Conv", "ConvTranspose")
 
@@ -35,30 +36,8 @@ class ConvMatch:
     bias: np.ndarray | None
 
 
-def _through_bias_add(site: BnSite) -> tuple[int, int | None, np.ndarray | None] | Skip | None:
-    """Find the conv, looking through one ``Add`` of a constant; returns (conv, add, added constant)."""
-    g = site.graph
-    p = g.producer_of(site.x)
-    if p is None:
-        return None
-    node = g.nodes[p]
-    if node.op_type in OPS and node.domain in ("", "ai.onnx"):
-        return p, None, None
-    if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
-        return None
-    for k in (0, 1):
-        q = g.producer_of(node.input[k])
-        if q is None or g.nodes[q].op_type not in OPS or g.nodes[q].domain not in ("", "ai.onnx"):
-            continue
-        const = g.constant(node.input[1 - k])
-        if const is None:
-            return Skip("the Add between the conv and the BN adds a non-constant value")
-        return single_reader(g, site.x, site.index) or (q, p, const)
-    return None
-
-
 def match(site: BnSite) -> ConvMatch | Skip | None:
-    found = _through_bias_add(site)
+    found = producer_through_bias_add(site, OPS)
     if found is None or isinstance(found, Skip):
         return found
     conv_i, add_i, added = found
@@ -67,11 +46,9 @@ def match(site: BnSite) -> ConvMatch | Skip | None:
     guard = single_reader(g, conv.output[0], add_i if add_i is not None else site.index)
     if guard:
         return guard
-    weight = g.constant(conv.input[1]) if len(conv.input) > 1 else None
-    if weight is None:
-        return Skip(f"the {conv.op_type}'s weight is not constant")
-    if elem_type_of(weight) not in FLOAT_TYPES:
-        return Skip(f"the {conv.op_type}'s weight is not floating point")
+    weight = constant_float_weight(site, conv)
+    if isinstance(weight, Skip):
+        return weight
     bias = None
     if len(conv.input) > 2 and conv.input[2]:
         bias = g.constant(conv.input[2])

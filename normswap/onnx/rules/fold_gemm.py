@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 
 from ..._math import fold_bias, fold_matrix_columns
-from .base import (FLOAT_TYPES, BnSite, Rule, Skip, attr, cast_like, elem_type_of, per_channel_vector, set_attr,
-                   single_reader)
+from .base import (BnSite, Rule, Skip, attr, cast_like, constant_float_weight, elem_type_of, per_channel_vector,
+                   producer_through_bias_add, set_attr, single_reader)
 
 
 @dataclass
@@ -32,39 +32,15 @@ class MatrixMatch:
     bias: np.ndarray | None  # float64, per feature; already includes Gemm's beta
 
 
-def _producer(site: BnSite) -> tuple[int, int | None, np.ndarray | None] | Skip | None:
-    g = site.graph
-    p = g.producer_of(site.x)
-    if p is None:
-        return None
-    node = g.nodes[p]
-    if node.domain not in ("", "ai.onnx"):
-        return None
-    if node.op_type in ("Gemm", "MatMul"):
-        return p, None, None
-    if node.op_type != "Add" or len(node.input) != 2:
-        return None
-    for k in (0, 1):
-        q = g.producer_of(node.input[k])
-        if q is None or g.nodes[q].op_type != "MatMul" or g.nodes[q].domain not in ("", "ai.onnx"):
-            continue
-        const = g.constant(node.input[1 - k])
-        if const is None:
-            return Skip("the Add between the MatMul and the BN adds a non-constant value")
-        vector = per_channel_vector(const, site.channels, 2)
-        if vector is None:
-            return Skip("the Add between the MatMul and the BN is not a per-feature bias")
-        return single_reader(g, site.x, site.index) or (q, p, vector)
-    return None
-
-
 def match(site: BnSite) -> MatrixMatch | Skip | None:
-    found = _producer(site)
+    found = producer_through_bias_add(site, ("Gemm", "MatMul"))
     if found is None or isinstance(found, Skip):
         return found
-    i, add_i, add_bias = found
+    i, add_i, added = found
     g = site.graph
     node = g.nodes[i]
+    if add_i is not None and node.op_type != "MatMul":
+        return None  # Gemm carries its own bias: an Add after it is not this rule's pattern
     guard = single_reader(g, node.output[0], add_i if add_i is not None else site.index)
     if guard:
         return guard
@@ -73,16 +49,20 @@ def match(site: BnSite) -> MatrixMatch | Skip | None:
     if site.x_type.rank != 2:
         return Skip(f"the {node.op_type} output is {site.x_type.rank}-D, so the BN's channel axis is not the "
                     "weight's output axis")
-    weight = g.constant(node.input[1])
-    if weight is None or weight.ndim != 2:
-        return Skip(f"the {node.op_type}'s weight is not a constant 2-D matrix")
-    if elem_type_of(weight) not in FLOAT_TYPES:
-        return Skip(f"the {node.op_type}'s weight is not floating point")
+    weight = constant_float_weight(site, node)
+    if isinstance(weight, Skip):
+        return weight
+    if weight.ndim != 2:
+        return Skip(f"the {node.op_type}'s weight is not a 2-D matrix")
     transposed = node.op_type == "Gemm" and attr(node, "transB", 0) == 1
     n = weight.shape[0] if transposed else weight.shape[1]
     if n != site.channels:
         return Skip(f"the {node.op_type} has {n} output features but the BN has {site.channels}")
-    bias = add_bias
+    bias = None
+    if add_i is not None:
+        bias = per_channel_vector(added, site.channels, 2)
+        if bias is None:
+            return Skip("the Add between the MatMul and the BN is not a per-feature bias")
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
         c = g.constant(node.input[2])
         if c is None:
