@@ -111,3 +111,11 @@ def test_fp16_weights_fold_in_float64_and_cast_once():
     assert r.report.layers[0].action == "folded" and r.report.passed
     w = next(t for t in r.model.graph.initializer if "weight" in t.name)
     assert w.data_type == onnx.TensorProto.FLOAT16
+
+
+def test_inconsistent_conv_transpose_group_is_not_folded():
+    rng = np.random.default_rng(8)
+    m = conv_bn(rng, cin=4, cout=6, group=2, transpose=True)
+    next(a for a in m.graph.node[0].attribute if a.name == "group").i = 3  # 4 input channels, 3 groups
+    r = normswap.convert(m, to="fold", validate=False)
+    assert r.report.layers[0].action != "folded" and "group=3" in r.report.layers[0].reason

@@ -55,6 +55,8 @@ def match(site: BnSite) -> ConvMatch | Skip | None:
         if bias is None:
             return Skip(f"the {conv.op_type}'s bias is not constant")
     group = int(attr(conv, "group", 1))
+    if group < 1 or (conv.op_type == "ConvTranspose" and weight.shape[0] % group):
+        return Skip(f"the {conv.op_type}'s group={group} does not divide its {weight.shape[0]} input channels")
     out_channels = weight.shape[0] if conv.op_type == "Conv" else weight.shape[1] * group
     if out_channels != site.channels:
         return Skip(f"the {conv.op_type} has {out_channels} output channels but the BN has {site.channels}")
