@@ -76,3 +76,117 @@ def per_channel_shape(channels: int, rank: int, axis: int = 1) -> tuple[int, ...
     """Shape that broadcasts a length-``channels`` vector along ``axis`` of a rank-``rank`` tensor,
     without a leading batch dimension (ONNX / numpy broadcasting aligns trailing dims)."""
     return (channels,) + (1,) * (rank - axis - 1)
+
+
+# ---- replacement norms: group choice, reference normalization, closed-form affine fit -----------------------
+
+MIN_GROUP_ELEMENTS = 16
+"""A group must hold at least this many values per sample (channels per group x spatial size): a group of one
+or two values normalizes to a constant (GroupNorm(C, C) on an (N, C) input outputs beta for any input)."""
+
+
+def divisors_up_to(n: int, limit: int) -> list[int]:
+    """Divisors of ``n`` that are at most ``limit``, largest first."""
+    return [d for d in range(min(n, limit), 0, -1) if n % d == 0]
+
+
+def choose_groups(channels: int, spatial: int, *, groups: int | None = None, group_size: int | None = None,
+                  min_elements: int = MIN_GROUP_ELEMENTS) -> tuple[int | None, str]:
+    """Pick the group count for ``channels`` channels over ``spatial`` positions.
+
+    With ``groups`` G: the largest divisor of C not above G; with ``group_size`` S: C / S groups when S divides C,
+    else the largest divisor of C not above C / S. Then the largest allowed count whose groups hold at least
+    ``min_elements`` values per sample. Returns ``(G, how)`` or ``(None, why not)``.
+    """
+    if (groups is None) == (group_size is None):
+        raise ValueError("give exactly one of groups or group_size")
+    target = groups if groups is not None else max(1, channels // group_size)
+    for g in divisors_up_to(channels, max(1, target)):
+        if (channels // g) * spatial >= min_elements:
+            how = f"{g} groups of {channels // g} channels"
+            if g != target:
+                how += f" (asked {target}: {'not a divisor of ' + str(channels) if channels % target else 'groups too small'})"
+            return g, how
+    return None, (f"even one group holds only {channels * spatial} values per sample (< {min_elements}); "
+                  "normalizing it would discard the signal")
+
+
+def allowed_groups(channels: int, spatial: int, limit: int, min_elements: int = MIN_GROUP_ELEMENTS) -> list[int]:
+    """Group counts a layer may use: divisors of C not above ``limit`` whose groups hold enough values."""
+    return [g for g in divisors_up_to(channels, max(1, limit)) if (channels // g) * spatial >= min_elements]
+
+
+GROUP_FIT_SLACK = 0.02
+"""When calibration chooses a layer's group count by fit, it keeps the largest count whose squared error is
+within this fraction of the best one (closest to what was asked for)."""
+
+
+def pick_groups_by_fit(sse: dict[int, float]) -> int:
+    """The largest group count whose total squared error is within ``GROUP_FIT_SLACK`` of the smallest."""
+    best = min(sse.values())
+    return max(g for g, e in sse.items() if e <= best * (1 + GROUP_FIT_SLACK) + 1e-12)
+
+
+def group_normalize(x: np.ndarray, groups: int, eps: float) -> np.ndarray:
+    """GroupNorm without affine, float64: each sample's channels split in ``groups`` contiguous groups, each group
+    normalized over its channels and all positions (two-pass variance). ``groups=1`` is LayerNorm over (C, ...),
+    ``groups=C`` is InstanceNorm."""
+    x64 = np.asarray(x, np.float64)
+    n, c = x64.shape[:2]
+    r = x64.reshape(n, groups, -1)
+    mean = r.mean(axis=2, keepdims=True)
+    d = r - mean
+    var = (d * d).mean(axis=2, keepdims=True)
+    return (d / np.sqrt(var + eps)).reshape(x64.shape)
+
+
+def channel_normalize(x: np.ndarray, eps: float) -> np.ndarray:
+    """LayerNorm over the channel axis alone, at every position (ConvNeXt-style), float64, two-pass variance."""
+    x64 = np.asarray(x, np.float64)
+    mean = x64.mean(axis=1, keepdims=True)
+    d = x64 - mean
+    return d / np.sqrt((d * d).mean(axis=1, keepdims=True) + eps)
+
+
+class AffineFit:
+    """Streaming per-channel least squares ``y ~ a * z + b`` over batches of (N, C, ...) arrays, in float64.
+
+    Holds five sums per channel, so memory does not depend on how much data is seen.
+    """
+
+    def __init__(self, channels: int) -> None:
+        self.n = np.zeros(channels)
+        self.sz = np.zeros(channels)
+        self.szz = np.zeros(channels)
+        self.sy = np.zeros(channels)
+        self.syy = np.zeros(channels)
+        self.szy = np.zeros(channels)
+
+    def add(self, z: np.ndarray, y: np.ndarray) -> None:
+        axes = (0,) + tuple(range(2, np.ndim(z)))
+        z64, y64 = np.asarray(z, np.float64), np.asarray(y, np.float64)
+        self.n += z64.size // z64.shape[1]
+        self.sz += z64.sum(axes)
+        self.szz += (z64 * z64).sum(axes)
+        self.sy += y64.sum(axes)
+        self.syy += (y64 * y64).sum(axes)
+        self.szy += (z64 * y64).sum(axes)
+
+    def solve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(a, b, sse)`` per channel. A channel whose z does not vary gets ``a = 0`` and ``b = mean(y)``."""
+        n = np.maximum(self.n, 1)
+        mz, my = self.sz / n, self.sy / n
+        var_z = self.szz / n - mz * mz
+        cov = self.szy / n - mz * my
+        ok = var_z > 1e-12 * np.maximum(self.szz / n, 1e-30)
+        a = np.where(ok, cov / np.where(ok, var_z, 1), 0.0)
+        b = my - a * mz
+        sse = self.syy - 2 * a * self.szy - 2 * b * self.sy + a * a * self.szz + 2 * a * b * self.sz + b * b * n
+        return a, b, np.maximum(sse, 0.0)
+
+
+def ridge_solve(gram: np.ndarray, cross: np.ndarray, ridge: float) -> np.ndarray:
+    """Solve ``(G + ridge * mean(diag G) * I) W = X`` for the closed-form least-squares refit of a linear layer."""
+    k = gram.shape[0]
+    lam = ridge * max(float(np.trace(gram)) / k, 1e-12)
+    return np.linalg.solve(gram + lam * np.eye(k), cross)

@@ -5,20 +5,23 @@ Inputs are never mutated: a path is loaded fresh, a ``ModelProto`` is copied bef
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from .errors import UsageError, ValidationFailedError
+from .errors import UnsupportedError, UsageError, ValidationFailedError
 from .report import ConversionReport, InspectReport, ValidationReport
-from .targets import TARGET_NAMES, get_target
+from .targets import DEFAULT_GROUPS, LAYER_OVER, REPLACEMENT_TARGETS, TARGET_NAMES, ReplaceOptions, get_target
 from .validate.compare import DEFAULT_ATOL, DEFAULT_RTOL
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 Inputs = str | os.PathLike | Mapping[str, np.ndarray] | None
+Progress = Callable[[int, int, str], None]
+CALIBRATION_BATCH = 64
 
 
 def _load(model: ModelLike, copy: bool) -> tuple[onnx.ModelProto, str, bool]:
@@ -58,50 +61,154 @@ class ConversionResult:
         return written
 
 
-def convert(model: ModelLike, to: str = "fold", *, keep_unfoldable: bool = False, validate: bool = True,
-            provider: str = "auto", inputs: Inputs = None, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-            atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, seed: int = 0) -> ConversionResult:
-    """Convert every BatchNormalization of an ONNX model for target ``to`` and (by default) validate the result
-    against the original in ONNX Runtime. Validation failure is recorded in the report, not raised."""
-    from .onnx.convert import convert_in_place
-    from .onnx.io import graph_count
+def _check_options(to: str, groups: int, group_size: int | None, layer_over: str, atol: float, rtol: float,
+                   min_cosine: float | None, min_agreement: float | None, batch_size: int) -> None:
     if to not in TARGET_NAMES:
         raise UsageError(f"unknown target '{to}'; choose one of {', '.join(TARGET_NAMES)}")
+    if groups < 1 or (group_size is not None and group_size < 1):
+        raise UsageError("--groups and --group-size must be positive")
+    if layer_over not in LAYER_OVER:
+        raise UsageError(f"--layer-over must be one of {', '.join(LAYER_OVER)}")
+    if atol < 0 or rtol < 0:
+        raise UsageError("--atol and --rtol must be non-negative")
+    for name, gate in (("--min-cosine", min_cosine), ("--min-agreement", min_agreement)):
+        if gate is not None and not -1.0 <= gate <= 1.0:
+            raise UsageError(f"{name} must lie between -1 and 1")
+    if batch_size < 1:
+        raise UsageError("the calibration batch size must be positive")
+
+
+def _upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    from onnx import version_converter
+    from .onnx.io import opset_of
+    current = opset_of(model)
+    if opset < current:
+        raise UsageError(f"--opset {opset} is below the model's opset {current}; normswap only upgrades")
+    if opset == current:
+        return model
+    try:
+        upgraded = version_converter.convert_version(model, opset)
+    except Exception as e:
+        raise UnsupportedError(f"onnx's version converter cannot take this model to opset {opset} "
+                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); try a lower --opset") from None
+    upgraded.ir_version = model.ir_version if model.ir_version >= 8 or opset < 15 else max(model.ir_version, 8)
+    return upgraded
+
+
+def _shape_probe(reference: onnx.ModelProto | Path, calibration: Mapping[str, np.ndarray] | None,
+                 input_shapes, seed: int, provider: str):
+    """A function that runs the original model once to read concrete shapes of the named values."""
+    def probe(names: list[str]) -> dict[str, tuple[int, ...]]:
+        from .onnx.activations import Activations, iter_batches
+        from .validate.inputs import random_inputs
+        from .validate.providers import select_providers
+        model = reference if isinstance(reference, onnx.ModelProto) else _load(reference, copy=False)[0]
+        feeds = next(iter_batches(calibration, 2)) if calibration else random_inputs(model, input_shapes, seed)
+        with tempfile.TemporaryDirectory(prefix="normswap-probe-") as workdir:
+            run = Activations(model, names, select_providers(provider).providers, workdir, "reference")
+            return {k: tuple(v.shape) for k, v in run.run(feeds, names).items()}
+    return probe
+
+
+def convert(model: ModelLike, to: str = "fold", *, groups: int = DEFAULT_GROUPS, group_size: int | None = None,
+            layer_over: str = "all", calibration: Inputs = None, refit_output_layer: bool = True,
+            choose_groups: bool = True,
+            calibration_batch_size: int = CALIBRATION_BATCH, keep_unfoldable: bool = False, validate: bool = True,
+            provider: str = "auto", inputs: Inputs = None, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+            atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, seed: int = 0, min_cosine: float | None = None,
+            min_agreement: float | None = None, opset: int | None = None, progress: Progress | None = None
+            ) -> ConversionResult:
+    """Convert every BatchNormalization of an ONNX model for target ``to`` and (by default) validate the result
+    against the original in ONNX Runtime: exact targets within atol / rtol, replacement targets for fidelity
+    (gated by ``min_cosine`` / ``min_agreement`` when given). ``calibration`` (unlabeled samples: an .npz path
+    or a mapping of input name to array) refits the new layers so the network keeps its function. Validation
+    failure is recorded in the report, not raised."""
+    from .onnx.convert import convert_in_place
+    from .onnx.io import graph_count
+    _check_options(to, groups, group_size, layer_over, atol, rtol, min_cosine, min_agreement,
+                   calibration_batch_size)
+    target = get_target(to)
+    replacing = to in REPLACEMENT_TARGETS
     original, source, had_external = _load(model, copy=False)
+    calib = _calibration_data(calibration, original) if replacing and calibration is not None else None
     before = graph_count(original)
-    if isinstance(model, onnx.ModelProto):  # the caller's object: edit a copy, validate against the object
-        converted, reference = onnx.ModelProto(), original
-        converted.CopyFrom(original)
+    if isinstance(model, onnx.ModelProto) or opset is not None:  # keep the caller's object / the original intact
+        reference: onnx.ModelProto | Path = original
+        converted = _upgrade_opset(original, opset) if opset is not None else onnx.ModelProto()
+        if converted is original or opset is None:
+            converted = onnx.ModelProto()
+            converted.CopyFrom(original)
     else:  # loaded for this call only: edit it directly (no second copy of the weights), reference = the file
         converted, reference = original, Path(source)
-    records, notes = convert_in_place(converted, to, keep_unfoldable)
-    kept = sum(r.action == "kept" for r in records)
+    options = ReplaceOptions(groups=groups, group_size=group_size, layer_over=layer_over)
+    probe = _shape_probe(reference, calib, input_shapes, seed, provider) if replacing else None
+    conversion = convert_in_place(converted, to, keep_unfoldable, options, probe)
+    notes = conversion.notes
+    kept = sum(r.action == "kept" for r in conversion.records)
     if kept:
         notes.append(f"{kept} BatchNormalization node(s) kept as they were; see each one's reason")
-    report = ConversionReport(to, get_target(to).exact, source, records, before, graph_count(converted),
+    report = ConversionReport(to, target.exact, source, conversion.records, before, graph_count(converted),
                               notes=notes)
+    if replacing and conversion.new_norms:
+        if calib is not None:
+            from .onnx.calibrate import calibrate
+            from .validate.providers import select_providers
+            report.calibration = calibrate(reference, converted, conversion.new_norms, calib,
+                                           select_providers(provider).providers,
+                                           batch_size=calibration_batch_size,
+                                           refit_output_layer=refit_output_layer, choose_groups=choose_groups,
+                                           progress=progress)
+            notes.extend(report.calibration.notes)
+        else:
+            report.function_preserved = False
+            notes.append("function NOT preserved: without calibration data the new layers use the BN's gamma and "
+                         "beta; pass calibration data (--calibrate data.npz, a few hundred unlabeled samples)")
     if validate:
-        report.validation = validate_models_checked(reference, converted, provider, inputs, input_shapes, atol,
-                                                    rtol, seed)
+        main_norms = tuple(n.y for n in conversion.new_norms if n.graph == "main")
+        report.validation = validate_models_checked(
+            reference, converted, provider, inputs, input_shapes, atol, rtol, seed,
+            check="exact" if target.exact else "fidelity", min_cosine=min_cosine, min_agreement=min_agreement,
+            layer_outputs=main_norms)
+        for n in conversion.new_norms:
+            n.record.drift_cosine = report.validation.layer_cosine.get(n.y)
+        if not target.exact and inputs is None:
+            notes.append("fidelity was measured on random inputs, which a trained network may never see; pass "
+                         "held-out samples (--inputs data.npz) for a meaningful measure")
     return ConversionResult(converted, report, had_external)
 
 
-def validate_models_checked(reference: onnx.ModelProto | Path, candidate: onnx.ModelProto, provider: str, inputs: Inputs,
-                            input_shapes, atol: float, rtol: float, seed: int) -> ValidationReport:
+def _calibration_data(calibration: Inputs, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    from .validate.inputs import check_feeds, load_npz_inputs
+    if isinstance(calibration, Mapping):
+        return check_feeds(calibration, model, "the calibration mapping")
+    return load_npz_inputs(calibration, model)
+
+
+def validate_models_checked(reference: onnx.ModelProto | Path, candidate: onnx.ModelProto, provider: str,
+                            inputs: Inputs, input_shapes, atol: float, rtol: float, seed: int, *,
+                            check: str = "exact", min_cosine: float | None = None,
+                            min_agreement: float | None = None, layer_outputs: tuple[str, ...] = ()
+                            ) -> ValidationReport:
     from .validate.runner import validate_models
     if atol < 0 or rtol < 0:
         raise UsageError("--atol and --rtol must be non-negative")
     return validate_models(reference, candidate, provider=provider, inputs=inputs, input_shapes=input_shapes,
-                           atol=atol, rtol=rtol, seed=seed)
+                           atol=atol, rtol=rtol, seed=seed, check=check, min_cosine=min_cosine,
+                           min_agreement=min_agreement, layer_outputs=layer_outputs)
 
 
 def validate(reference: ModelLike, candidate: ModelLike, *, provider: str = "auto", inputs: Inputs = None,
              input_shapes: Mapping[str, tuple[int, ...]] | None = None, atol: float = DEFAULT_ATOL,
-             rtol: float = DEFAULT_RTOL, seed: int = 0) -> ValidationReport:
-    """Run two ONNX models on the same inputs in ONNX Runtime and compare every output."""
+             rtol: float = DEFAULT_RTOL, seed: int = 0, check: str = "exact", min_cosine: float | None = None,
+             min_agreement: float | None = None) -> ValidationReport:
+    """Run two ONNX models on the same inputs in ONNX Runtime and compare every output: ``check="exact"``
+    (atol / rtol) or ``"fidelity"`` (cosine, top-1 agreement, gated by ``min_cosine`` / ``min_agreement``)."""
+    if check not in ("exact", "fidelity"):
+        raise UsageError("check must be 'exact' or 'fidelity'")
     ref, _, _ = _load(reference, copy=False)
     cand, _, _ = _load(candidate, copy=False)
-    return validate_models_checked(ref, cand, provider, inputs, input_shapes, atol, rtol, seed)
+    return validate_models_checked(ref, cand, provider, inputs, input_shapes, atol, rtol, seed, check=check,
+                                   min_cosine=min_cosine, min_agreement=min_agreement)
 
 
 def inspect(model: ModelLike) -> InspectReport:
@@ -111,7 +218,7 @@ def inspect(model: ModelLike) -> InspectReport:
     from .onnx.io import opset_of
     scratch, source, _ = _load(model, copy=True)
     opset, ir_version = opset_of(scratch), scratch.ir_version
-    records, _ = convert_in_place(scratch, "fold")
+    records = convert_in_place(scratch, "fold").records
     sites = [{"name": r.name, "op": r.op, "graph": r.graph, "channels": r.channels, "producer": r.producer,
               "producer_op": r.producer_op, "foldable": r.action == "folded", "action_under_fold": r.action,
               "reason": r.reason} for r in records]

@@ -5,14 +5,17 @@ Exit codes: 0 ok, 1 validation failed, 2 usage error, 3 invalid or unsafe input,
 """
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
 
 from .errors import EXIT_INTERNAL, EXIT_VALIDATION_FAILED, NormswapError, UsageError
 from .report import ConversionReport, InspectReport, ValidationReport
-from .targets import TARGET_NAMES
+from .api import CALIBRATION_BATCH
+from .targets import DEFAULT_GROUPS, LAYER_OVER, TARGET_NAMES
 from .validate.compare import DEFAULT_ATOL, DEFAULT_RTOL
 from .validate.providers import PROVIDER_CHOICES
 
@@ -87,8 +90,13 @@ def _fmt(x, spec: str = ".3g") -> str:
 
 
 def _print_validation(v: ValidationReport) -> None:
-    click.echo(f"validation ({v.check}, atol={v.atol:g} rtol={v.rtol:g}) on {', '.join(v.providers)}; "
-               f"inputs: {v.inputs}")
+    if v.check == "exact":
+        rule = f"exact, atol={v.atol:g} rtol={v.rtol:g}"
+    else:
+        gates = [f"cosine >= {v.min_cosine:g}"] if v.min_cosine is not None else []
+        gates += [f"top-1 agreement >= {v.min_agreement:g}"] if v.min_agreement is not None else []
+        rule = "fidelity" + (f", gate: {' and '.join(gates)}" if gates else ", no gate")
+    click.echo(f"validation ({rule}) on {', '.join(v.providers)}; inputs: {v.inputs}")
     click.echo(f"  {'output':<24} {'max_abs':>10} {'max_rel':>10} {'mean_abs':>10} {'cosine':>10} {'top1':>6}  result")
     for o in v.outputs:
         click.echo(f"  {o.name[:24]:<24} {_fmt(o.max_abs):>10} {_fmt(o.max_rel):>10} {_fmt(o.mean_abs):>10} "
@@ -109,16 +117,50 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
 
 
 def _print_conversion(r: ConversionReport) -> None:
-    _table([[layer.name, layer.action, _fmt(layer.channels, "d"),
-             f"{layer.producer_op or '-'} {layer.producer or ''}".strip(), layer.reason] for layer in r.layers],
-           ["layer", "action", "C", "producer", "reason"])
-    summary = ", ".join(f"{r.count(a)} {a}" for a in ("folded", "affine", "kept") if r.count(a))
+    if r.exact:
+        _table([[layer.name, layer.action, _fmt(layer.channels, "d"),
+                 f"{layer.producer_op or '-'} {layer.producer or ''}".strip(), layer.reason] for layer in r.layers],
+               ["layer", "action", "C", "producer", "reason"])
+    else:
+        _table([[layer.name, layer.action, _fmt(layer.channels, "d"), _fmt(layer.groups, "d"),
+                 "yes" if layer.calibrated else "no", _fmt(layer.drift_cosine, ".4f"), layer.reason]
+                for layer in r.layers], ["layer", "action", "C", "G", "calibrated", "cosine", "reason"])
+    summary = ", ".join(f"{r.count(a)} {a}" for a in ("folded", "converted", "affine", "kept") if r.count(a))
     click.echo(f"{len(r.layers)} BatchNormalization site(s): {summary or 'none'}; "
                f"nodes {r.nodes_before} -> {r.nodes_after}")
+    if r.calibration is not None:
+        c = r.calibration
+        click.echo(f"calibration: {c.samples} samples, {c.passes} passes, {c.seconds:.2f} s; "
+                   f"{len(c.layers_changed)} layer(s) changed" + (f" (output layer {c.head} refitted)" if c.head else ""))
     for note in r.notes:
         click.echo(f"note: {note}")
+    if not r.function_preserved:
+        click.echo("warning: the converted model does NOT compute what the original did: pass --calibrate "
+                   "data.npz (a few hundred unlabeled samples) so the new layers are fitted", err=True)
     if r.validation is not None:
         _print_validation(r.validation)
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool) -> Iterator[Callable[[int, int, str], None] | None]:
+    """A progress callback drawing a bar on stderr when it is a terminal; None when quiet or piped."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    bar = None
+
+    def update(done: int, total: int, label: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label=label, file=sys.stderr)
+            bar.__enter__()
+        bar.label = label
+        bar.update(done - bar.pos)
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
 
 
 def _default_output(model: Path, target: str) -> Path:
@@ -149,13 +191,35 @@ def inspect(model: str, as_json: bool) -> None:
               help="Output model (default: <stem>.<target>.onnx beside the input).")
 @click.option("--in-place", is_flag=True, help="Allow the output to replace the input model.")
 @click.option("--keep-unfoldable", is_flag=True, help="With --to fold, leave BNs that cannot fold as BN.")
+@click.option("--groups", type=int, default=DEFAULT_GROUPS, show_default=True,
+              help="--to group: target group count, chosen per layer (largest divisor of C not above it).")
+@click.option("--group-size", type=int, default=None, help="--to group: channels per group instead of --groups.")
+@click.option("--layer-over", type=click.Choice(LAYER_OVER), default="all", show_default=True,
+              help="--to layer: normalize over all non-batch dims, or over channels at each position.")
+@click.option("--calibrate", "calibration", type=click.Path(dir_okay=False), default=None,
+              help="Unlabeled samples (.npz keyed by input name) to fit the new layers to the original.")
+@click.option("--calibrate-norms-only", is_flag=True,
+              help="Calibrate only the new norm layers (do not refit the output layer).")
+@click.option("--fixed-groups", is_flag=True,
+              help="--to group with --calibrate: keep each layer's group count instead of choosing it by fit.")
+@click.option("--calibration-batch-size", type=int, default=CALIBRATION_BATCH, show_default=True,
+              help="Samples per calibration batch (memory is bounded by one batch).")
+@click.option("--opset", type=int, default=None, help="Upgrade the model to this opset first (never silently).")
+@click.option("--min-cosine", type=float, default=None,
+              help="Non-exact targets: fail (exit 1) when an output's cosine similarity is below this.")
+@click.option("--min-agreement", type=float, default=None,
+              help="Non-exact targets: fail (exit 1) when top-1 agreement is below this.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Compare the converted model with the original in ONNX Runtime.")
 @click.option("--keep-invalid", is_flag=True, help="Write the output even when validation fails (exit 1).")
 @_validation_options
-def convert(model: str, target: str, output: str | None, in_place: bool, keep_unfoldable: bool, validate: bool,
-            keep_invalid: bool, provider: str, inputs: str | None, input_shapes: tuple[str, ...], atol: float,
-            rtol: float, seed: int, report_path: str | None) -> None:
+def convert(model: str, target: str, output: str | None, in_place: bool, keep_unfoldable: bool, groups: int,
+            group_size: int | None, layer_over: str, calibration: str | None, calibrate_norms_only: bool,
+            fixed_groups: bool, calibration_batch_size: int, opset: int | None, min_cosine: float | None,
+            min_agreement: float | None, quiet: bool, validate: bool, keep_invalid: bool, provider: str,
+            inputs: str | None, input_shapes: tuple[str, ...], atol: float, rtol: float, seed: int,
+            report_path: str | None) -> None:
     """Convert the BatchNorm layers of MODEL (.onnx) and validate the result."""
     from .api import convert as convert_model
     from .onnx.io import same_file
@@ -164,8 +228,14 @@ def convert(model: str, target: str, output: str | None, in_place: bool, keep_un
     if source.exists() and out.exists() and same_file(source, out) and not in_place:
         raise UsageError(f"output '{out}' is the input model; pass another -o or --in-place to replace it")
     shapes = _shapes(input_shapes)
-    result = convert_model(model, target, keep_unfoldable=keep_unfoldable, validate=validate, provider=provider,
-                           inputs=inputs, input_shapes=shapes, atol=atol, rtol=rtol, seed=seed)
+    quiet = quiet or report_path == "-"
+    with _progress(quiet) as progress:
+        result = convert_model(model, target, groups=groups, group_size=group_size, layer_over=layer_over,
+                               calibration=calibration, refit_output_layer=not calibrate_norms_only,
+                               choose_groups=not fixed_groups, calibration_batch_size=calibration_batch_size,
+                               keep_unfoldable=keep_unfoldable, validate=validate, provider=provider, inputs=inputs,
+                               input_shapes=shapes, atol=atol, rtol=rtol, seed=seed, min_cosine=min_cosine,
+                               min_agreement=min_agreement, opset=opset, progress=progress)
     report = result.report
     quiet = report_path == "-"
     if not quiet:

@@ -35,6 +35,9 @@ class LayerRecord:
     rule: str | None = None
     graph: str = "main"
     new_nodes: list[str] = field(default_factory=list)
+    groups: int | None = None
+    calibrated: bool = False
+    drift_cosine: float | None = None
 
     def __post_init__(self) -> None:
         assert self.action in ACTIONS, self.action
@@ -66,7 +69,7 @@ class OutputComparison:
 class ValidationReport(_Json):
     """How the comparison was run and what it found."""
 
-    check: str  # "exact": within atol/rtol
+    check: str  # "exact": within atol / rtol; "fidelity": measured, gated by min_cosine / min_agreement if given
     providers: list[str]
     requested_provider: str
     reference_optimization: str
@@ -74,6 +77,9 @@ class ValidationReport(_Json):
     rtol: float
     inputs: str
     outputs: list[OutputComparison]
+    min_cosine: float | None = None
+    min_agreement: float | None = None
+    layer_cosine: dict[str, float] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -89,6 +95,20 @@ class ValidationReport(_Json):
 
 
 @dataclass
+class CalibrationReport:
+    """How calibration ran: data size, passes over it, time, and every layer whose weights it changed."""
+
+    samples: int
+    batch_size: int
+    passes: int
+    seconds: float
+    scope: str  # "all": new norm layers and the output layer; "norms": new norm layers only
+    layers_changed: list[str] = field(default_factory=list)
+    head: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class ConversionReport(_Json):
     """What ``convert`` did: one record per normalization site, plus validation when it ran."""
 
@@ -101,6 +121,8 @@ class ConversionReport(_Json):
     validation: ValidationReport | None = None
     output: str | None = None
     notes: list[str] = field(default_factory=list)
+    calibration: CalibrationReport | None = None
+    function_preserved: bool = True
 
     @property
     def passed(self) -> bool | None:
@@ -120,6 +142,8 @@ class ConversionReport(_Json):
             "nodes_after": self.nodes_after,
             "summary": {a: self.count(a) for a in ACTIONS},
             "layers": [asdict(layer) for layer in self.layers],
+            "function_preserved": self.function_preserved,
+            "calibration": None if self.calibration is None else asdict(self.calibration),
             "validation": None if self.validation is None else self.validation.to_dict(),
             "notes": list(self.notes),
             "passed": self.passed,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ._math import MIN_GROUP_ELEMENTS
+
 
 @dataclass(frozen=True)
 class Target:
@@ -19,7 +21,36 @@ TARGETS: tuple[Target, ...] = (
            "Fold each BatchNormalization into its producing Conv / ConvTranspose / Gemm / MatMul; "
            "BNs without a foldable producer become an exact per-channel Mul+Add."),
     Target("affine", True, "Turn every BatchNormalization into an exact per-channel Mul+Add."),
+    Target("group", False,
+           "GroupNorm with per-channel scale and shift (--groups G or --group-size S, chosen per layer); "
+           "independent of the batch size."),
+    Target("layer", False,
+           "LayerNorm: each sample over all its non-batch dims (or over channels at each position with "
+           "--layer-over channels), per-channel scale and shift."),
+    Target("instance", False, "InstanceNorm: each sample, each channel, over the spatial dims; per-channel "
+           "scale and shift."),
+    Target("weight", True, "Fold BN into its producer, then express the producer's weight as g * v / ||v|| per "
+           "output channel (weight normalization); exact."),
 )
+
+REPLACEMENT_TARGETS = ("group", "layer", "instance")
+LAYER_OVER = ("all", "channels")
+DEFAULT_GROUPS = 32
+
+
+@dataclass(frozen=True)
+class ReplaceOptions:
+    """How BN is replaced by a normalization (targets group / layer / instance).
+
+    ``groups`` / ``group_size``: the group target (exactly one is used: ``group_size`` when set); ``layer_over``:
+    ``all`` normalizes each sample over all non-batch dims, ``channels`` over C at each position;
+    ``min_group_elements``: values a group must hold per sample (see ``_math.MIN_GROUP_ELEMENTS``).
+    """
+
+    groups: int = DEFAULT_GROUPS
+    group_size: int | None = None
+    layer_over: str = "all"
+    min_group_elements: int = MIN_GROUP_ELEMENTS
 
 TARGET_NAMES: tuple[str, ...] = tuple(t.name for t in TARGETS)
 

@@ -1,16 +1,22 @@
 """The ONNX conversion driver: walk every graph (subgraphs too), apply the target's rules, record each site.
 
 Sites are visited in topological order and the index is updated after each rewrite, so chains fold completely
-(Conv -> BN -> BN folds both). Each BN site ends as exactly one LayerRecord.
+(Conv -> BN -> BN folds both). Each BN site ends as exactly one LayerRecord; every new normalization is also
+returned as a ``NewNorm`` so calibration can refit its scale and shift.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import onnx
 
 from ..report import LayerRecord
+from ..targets import ReplaceOptions
 from .graph import GraphIndex, NameRegistry
 from .io import opset_of
-from .rules import AFFINE_RULE, FOLD_RULES, BnSite, Rule, Skip, read_bn_site
+from .rules import (AFFINE_RULE, FOLD_RULES, GROUP_RULE, INSTANCE_RULE, LAYER_CHANNELS_RULE, LAYER_RULE,
+                    WEIGHT_RULES, BnSite, Rule, Skip, read_bn_site)
 from .rules.base import site_name
 from .types import infer_value_types
 from .walk import subgraphs_of
@@ -18,6 +24,30 @@ from .walk import subgraphs_of
 BN = "BatchNormalization"
 OTHER_NORMS = ("GroupNormalization", "InstanceNormalization", "LayerNormalization", "LpNormalization",
                "MeanVarianceNormalization", "RMSNormalization")
+
+
+@dataclass
+class NewNorm:
+    """A normalization that replaced a BN: where its output is, and the initializers of its per-channel affine."""
+
+    record: LayerRecord
+    x: str
+    y: str
+    channels: int
+    groups: int | None  # None: LayerNorm over channels at each position
+    eps: float
+    scale: str
+    shift: str
+    graph: str
+    group_candidates: tuple[int, ...] = ()
+    group_consts: tuple[str, str, str] | None = None
+
+
+@dataclass
+class Conversion:
+    records: list[LayerRecord] = field(default_factory=list)
+    new_norms: list[NewNorm] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _producer_info(g: GraphIndex, name: str) -> tuple[str | None, str | None]:
@@ -41,73 +71,122 @@ def _unfoldable_reason(g: GraphIndex, site: BnSite) -> str:
     return f"its input is produced by {op} '{producer}', which cannot absorb a per-channel scale"
 
 
-def _apply(rule: Rule, site: BnSite, match, action: str, reason: str) -> LayerRecord:
-    producer, op = _producer_info(site.graph, site.x)
-    new_nodes = rule.rewrite(site, match)
-    return LayerRecord(site.name, BN, action, reason, site.channels, producer, op, rule.name, site.graph.path,
-                       new_nodes)
-
-
 def _kept(site: BnSite, reason: str) -> LayerRecord:
     producer, op = _producer_info(site.graph, site.x)
     return LayerRecord(site.name, BN, "kept", reason, site.channels, producer, op, None, site.graph.path)
 
 
-def _convert_site(g: GraphIndex, i: int, target: str, keep_unfoldable: bool) -> LayerRecord:
-    site = read_bn_site(g, i)
-    if isinstance(site, Skip):
-        node = g.nodes[i]
-        producer, op = _producer_info(g, node.input[0])
-        return LayerRecord(site_name(node), BN, "kept", site.reason, None, producer, op, None, g.path)
-    why_not = None
-    if target == "fold":
-        for rule in FOLD_RULES:
+class _SiteConverter:
+    def __init__(self, target: str, keep_unfoldable: bool, options: ReplaceOptions, out: Conversion) -> None:
+        self.target, self.keep_unfoldable, self.options, self.out = target, keep_unfoldable, options, out
+
+    def _apply(self, rule: Rule, site: BnSite, match, action: str, reason: str) -> LayerRecord:
+        producer, op = _producer_info(site.graph, site.x)
+        done = rule.rewrite(site, match)
+        if done.detail:
+            reason = f"{reason}: {done.detail}"
+        record = LayerRecord(site.name, BN, action, reason, site.channels, producer, op, rule.name,
+                             site.graph.path, done.new_nodes, groups=done.groups)
+        if action == "converted" and done.scale is not None:
+            self.out.new_norms.append(NewNorm(record, site.x, site.y, site.channels, done.groups, site.eps,
+                                              done.scale, done.shift, site.graph.path, done.group_candidates,
+                                              done.group_consts))
+        return record
+
+    def _first_match(self, rules: tuple[Rule, ...], site: BnSite) -> tuple[Rule, object] | str | None:
+        """The first rule that matches, else the first rule's reason for skipping, else None."""
+        why_not = None
+        for rule in rules:
             match = rule.match(site)
             if match is None:
                 continue
             if isinstance(match, Skip):
                 why_not = why_not or match.reason
                 continue
-            return _apply(rule, site, match, "folded", f"folded by {rule.name}")
-        why_not = why_not or _unfoldable_reason(g, site)
-        if keep_unfoldable:
-            return _kept(site, f"not foldable: {why_not} (kept by --keep-unfoldable)")
-    match = AFFINE_RULE.match(site)
-    if isinstance(match, Skip):
-        prefix = f"not foldable: {why_not}; " if why_not else ""
-        return _kept(site, f"{prefix}cannot become affine: {match.reason}")
-    reason = f"not foldable: {why_not}" if why_not else "requested"
-    return _apply(AFFINE_RULE, site, match, "affine", reason)
+            return rule, match
+        return why_not
+
+    def _affine(self, site: BnSite, why_not: str | None, prefix: str = "not foldable") -> LayerRecord:
+        match = AFFINE_RULE.match(site)
+        if isinstance(match, Skip):
+            first = f"{prefix}: {why_not}; " if why_not else ""
+            return _kept(site, f"{first}cannot become affine: {match.reason}")
+        reason = f"{prefix}: {why_not}" if why_not else "requested"
+        return self._apply(AFFINE_RULE, site, match, "affine", reason)
+
+    def convert(self, g: GraphIndex, i: int) -> LayerRecord:
+        site = read_bn_site(g, i, self.options)
+        if isinstance(site, Skip):
+            node = g.nodes[i]
+            producer, op = _producer_info(g, node.input[0])
+            return LayerRecord(site_name(node), BN, "kept", site.reason, None, producer, op, None, g.path)
+        if self.target in ("fold", "weight"):
+            rules = FOLD_RULES if self.target == "fold" else WEIGHT_RULES
+            found = self._first_match(rules, site)
+            if isinstance(found, tuple):
+                rule, match = found
+                action = "folded" if self.target == "fold" else "converted"
+                return self._apply(rule, site, match, action, f"{action} by {rule.name}")
+            why_not = found or _unfoldable_reason(g, site)
+            if self.keep_unfoldable:
+                return _kept(site, f"not foldable: {why_not} (kept by --keep-unfoldable)")
+            return self._affine(site, why_not)
+        if self.target == "affine":
+            return self._affine(site, None)
+        rule = {"group": GROUP_RULE, "instance": INSTANCE_RULE}.get(self.target) or (
+            LAYER_CHANNELS_RULE if self.options.layer_over == "channels" else LAYER_RULE)
+        match = rule.match(site)
+        if isinstance(match, Skip):
+            return self._affine(site, match.reason, prefix=f"cannot become {self.target} norm")
+        return self._apply(rule, site, match, "converted", f"converted by {rule.name}")
 
 
-def _convert_graph(g: GraphIndex, target: str, keep_unfoldable: bool, records: list[LayerRecord],
-                   opset: int) -> None:
+def _convert_graph(g: GraphIndex, converter: _SiteConverter) -> None:
     for i in range(len(g.nodes)):
         node = g.nodes[i]
         if i not in g.removed and node.op_type == BN and node.domain in ("", "ai.onnx"):
-            records.append(_convert_site(g, i, target, keep_unfoldable))
+            converter.out.records.append(converter.convert(g, i))
     for i, node in enumerate(g.nodes):
         if i in g.removed:
             continue
         for k, sub in enumerate(subgraphs_of(node)):
-            sub_index = GraphIndex(sub, ir_version=g.ir_version, opset=opset, types=g.types, names=g.names,
+            sub_index = GraphIndex(sub, ir_version=g.ir_version, opset=g.opset, types=g.types, names=g.names,
                                    parent=g, path=f"{g.path}/{site_name(node)}[{k}]")
-            _convert_graph(sub_index, target, keep_unfoldable, records, opset)
+            _convert_graph(sub_index, converter)
             sub_index.commit()
 
 
-def convert_in_place(model: onnx.ModelProto, target: str, keep_unfoldable: bool = False
-                     ) -> tuple[list[LayerRecord], list[str]]:
-    """Rewrite every BatchNormalization of ``model`` (edited in place) for ``target`` ('fold' or 'affine').
-    Returns one record per BN site and notes for the report."""
+ShapeProbe = Callable[[list[str]], dict[str, tuple[int, ...]]]
+
+
+def _unresolved_bn_inputs(model: onnx.ModelProto, types: dict) -> list[str]:
+    """Main-graph BN inputs whose non-batch dims shape inference left symbolic."""
+    names = []
+    for node in model.graph.node:
+        if node.op_type == BN and node.input:
+            vt = types.get(node.input[0])
+            if vt is None or vt.dims is None or not all(isinstance(d, int) and d > 0 for d in vt.dims[1:]):
+                names.append(node.input[0])
+    return names
+
+
+def convert_in_place(model: onnx.ModelProto, target: str, keep_unfoldable: bool = False,
+                     options: ReplaceOptions = ReplaceOptions(), shape_probe: ShapeProbe | None = None
+                     ) -> Conversion:
+    """Rewrite every BatchNormalization of ``model`` (edited in place) for ``target``. ``shape_probe`` runs the
+    model to find concrete shapes of BN inputs that shape inference leaves symbolic (replacement targets need
+    their spatial size to choose groups)."""
     types, note = infer_value_types(model)
-    opset = opset_of(model)
-    root = GraphIndex(model.graph, ir_version=model.ir_version, opset=opset, types=types,
+    out = Conversion(notes=[note] if note else [])
+    root = GraphIndex(model.graph, ir_version=model.ir_version, opset=opset_of(model), types=types,
                       names=NameRegistry(model))
-    records: list[LayerRecord] = []
-    _convert_graph(root, target, keep_unfoldable, records, opset)
+    if shape_probe is not None:
+        unresolved = _unresolved_bn_inputs(model, types)
+        if unresolved:
+            root.observed_shapes.update(shape_probe(unresolved))
+    _convert_graph(root, _SiteConverter(target, keep_unfoldable, options, out))
     root.commit()
-    return records, [note] if note else []
+    return out
 
 
 def other_norm_sites(model: onnx.ModelProto) -> list[dict]:

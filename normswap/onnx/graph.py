@@ -52,13 +52,16 @@ class GraphIndex:
         self.types = types
         self.names = names
         self.nodes: list[onnx.NodeProto] = list(graph.node)
-        self.order: list[tuple[int, int]] = [(i, 0) for i in range(len(self.nodes))]
+        self.order: list[tuple[int, float]] = [(i, 0) for i in range(len(self.nodes))]
         self.removed: set[int] = set()
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = defaultdict(list)
         self.outputs = {o.name for o in graph.output}
         self.inputs = {i.name for i in graph.input}
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        # Concrete shapes seen when the model ran (fills in symbolic dims shape inference cannot resolve).
+        self.observed_shapes: dict[str, tuple[int, ...]] = parent.observed_shapes if parent is not None else {}
+        self.opset = opset
         self._dropped_refs: set[str] = set()
         self._removed_initializers: set[str] = set()
         self._changed = False
@@ -146,6 +149,16 @@ class GraphIndex:
             self.nodes.append(node)
             self.order.append((position, k))
             self._register(j, node)
+
+    def insert_before(self, i: int, new_nodes: list[onnx.NodeProto]) -> None:
+        """Put ``new_nodes`` (topologically ordered) just before node ``i``."""
+        position, sub = self.order[i]
+        for k, node in enumerate(new_nodes, start=1):
+            j = len(self.nodes)
+            self.nodes.append(node)
+            self.order.append((position, sub - 1 + k / (len(new_nodes) + 1)))
+            self._register(j, node)
+        self._changed = True
 
     def add_initializer(self, array: np.ndarray, hint: str) -> str:
         """Store ``array`` as a new initializer of this graph and return its (fresh) name."""

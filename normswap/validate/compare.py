@@ -1,8 +1,10 @@
-"""Comparing one output of the reference and the candidate.
+"""Comparing one output of the reference and the candidate, streamed over batches.
 
-Tolerances are named constants: exact rewrites pass when ``|cand - ref| <= atol + rtol * |ref|`` everywhere
-(``numpy.allclose``), NaNs in the same places. Half-precision outputs (float16 / bfloat16) are compared with at
-least ``HALF_ATOL`` / ``HALF_RTOL``, since their last bit is ~1e-3 of the value.
+Exact checks pass when ``|cand - ref| <= atol + rtol * |ref|`` everywhere (``numpy.allclose``), with NaNs and
+infinities in the same places. Half-precision outputs (float16 / bfloat16) are compared with at least
+``HALF_ATOL`` / ``HALF_RTOL``, since their last bit is ~1e-3 of the value. Fidelity checks (non-exact targets)
+pass when the cosine similarity is at least ``min_cosine`` and the top-1 agreement at least ``min_agreement``
+(each only when given).
 """
 from __future__ import annotations
 
@@ -35,30 +37,77 @@ def top1_agreement(ref: np.ndarray, cand: np.ndarray) -> float | None:
     return float(np.mean(np.argmax(ref, axis=1) == np.argmax(cand, axis=1)))
 
 
+class OutputStats:
+    """Running comparison of one output over batches (sums in float64)."""
+
+    def __init__(self, name: str, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> None:
+        self.name, self.atol, self.rtol = name, atol, rtol
+        self.shape: list[int] | None = None
+        self.dtype = ""
+        self.same_shape = self.same_nonfinite = self.within = True
+        self.max_abs = self.sum_abs = self.max_ref = self.dot = self.rr = self.cc = 0.0
+        self.count = self.rows = self.agree = 0
+        self.classes = True
+
+    def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        ref_a, cand_a = np.asarray(ref), np.asarray(cand)
+        self.dtype = str(ref_a.dtype)
+        if self.shape is None:
+            self.shape = list(ref_a.shape)
+        elif ref_a.ndim:
+            self.shape[0] += ref_a.shape[0]
+        if ref_a.shape != cand_a.shape:
+            self.same_shape = False
+            return
+        r, c = ref_a.astype(np.float64), cand_a.astype(np.float64)
+        finite = np.isfinite(r) & np.isfinite(c)
+        self.same_nonfinite &= bool(np.array_equal(np.where(finite, 0, r), np.where(finite, 0, c), equal_nan=True))
+        rf, cf = r[finite], c[finite]
+        diff = np.abs(rf - cf)
+        if diff.size:
+            self.max_abs = max(self.max_abs, float(diff.max()))
+            self.max_ref = max(self.max_ref, float(np.abs(rf).max()))
+        self.sum_abs += float(diff.sum())
+        self.count += diff.size
+        self.dot += float(np.dot(rf, cf))
+        self.rr += float(np.dot(rf, rf))
+        self.cc += float(np.dot(cf, cf))
+        a, rt = effective_tolerance(ref_a.dtype, self.atol, self.rtol)
+        self.within &= bool(np.all(diff <= a + rt * np.abs(rf)))
+        if ref_a.ndim == 2 and ref_a.shape[1] >= 2:
+            self.rows += ref_a.shape[0]
+            self.agree += int(np.sum(np.argmax(r, axis=1) == np.argmax(c, axis=1)))
+        else:
+            self.classes = False
+
+    @property
+    def cosine(self) -> float:
+        if self.rr == 0 and self.cc == 0:
+            return 1.0
+        if self.rr == 0 or self.cc == 0:
+            return 0.0
+        return self.dot / math.sqrt(self.rr * self.cc)
+
+    def result(self, check: str = "exact", min_cosine: float | None = None,
+               min_agreement: float | None = None) -> OutputComparison:
+        shape = self.shape or []
+        if not self.same_shape:
+            return OutputComparison(self.name, shape, self.dtype, None, None, None, None, None, False)
+        max_rel = self.max_abs / self.max_ref if self.max_ref > 0 else (0.0 if self.max_abs == 0 else math.inf)
+        top1 = self.agree / self.rows if self.classes and self.rows else None
+        if check == "exact":
+            passed = self.same_nonfinite and self.within
+        else:
+            passed = (self.same_nonfinite and (min_cosine is None or self.cosine >= min_cosine)
+                      and (min_agreement is None or top1 is None or top1 >= min_agreement))
+        mean_abs = self.sum_abs / self.count if self.count else 0.0
+        return OutputComparison(self.name, shape, self.dtype, _finite(self.max_abs), _finite(max_rel),
+                                _finite(mean_abs), _finite(self.cosine), top1, passed)
+
+
 def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float = DEFAULT_ATOL,
                    rtol: float = DEFAULT_RTOL) -> OutputComparison:
-    ref_a, cand_a = np.asarray(ref), np.asarray(cand)
-    dtype = str(ref_a.dtype)
-    if ref_a.shape != cand_a.shape:
-        return OutputComparison(name, list(ref_a.shape), dtype, None, None, None, None, None, False)
-    r, c = ref_a.astype(np.float64), cand_a.astype(np.float64)
-    same_nan = bool(np.array_equal(np.isnan(r), np.isnan(c)))
-    finite = np.isfinite(r) & np.isfinite(c)
-    diff = np.abs(r - c)[finite]
-    max_abs = float(diff.max()) if diff.size else 0.0
-    mean_abs = float(diff.mean()) if diff.size else 0.0
-    scale = float(np.abs(r[finite]).max()) if diff.size else 0.0
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
-    rf, cf = r[finite], c[finite]
-    nr, nc = float(np.linalg.norm(rf)), float(np.linalg.norm(cf))
-    if nr == 0 and nc == 0:
-        cosine = 1.0
-    elif nr == 0 or nc == 0:
-        cosine = 0.0
-    else:
-        cosine = float(np.dot(rf, cf) / (nr * nc))
-    a, rt = effective_tolerance(ref_a.dtype, atol, rtol)
-    inf_match = bool(np.array_equal(r[~np.isnan(r) & ~np.isfinite(r)], c[~np.isnan(r) & ~np.isfinite(r)]))
-    passed = same_nan and inf_match and bool(np.all(np.abs(rf - cf) <= a + rt * np.abs(rf)))
-    return OutputComparison(name, list(ref_a.shape), dtype, _finite(max_abs), _finite(max_rel), _finite(mean_abs),
-                            _finite(cosine), top1_agreement(r, c), passed)
+    """Exact comparison of one pair of arrays."""
+    stats = OutputStats(name, atol, rtol)
+    stats.add(ref, cand)
+    return stats.result()

@@ -15,14 +15,15 @@ import onnx
 
 from ..errors import InvalidModelError, UnsupportedError
 from ..report import ValidationReport
-from .compare import DEFAULT_ATOL, DEFAULT_RTOL, compare_output
+from .compare import DEFAULT_ATOL, DEFAULT_RTOL, OutputStats
 from .inputs import check_feeds, load_npz_inputs, random_inputs
 from .providers import ORT_SILENT, check_ran, select_providers
 
 OPTIMIZATION = "ORT_DISABLE_ALL"
+VALIDATION_BATCH = 256  # samples per run: bounds memory on large --inputs files
 
 
-def _session(model: onnx.ModelProto | str | os.PathLike, providers: tuple[str, ...], workdir: str, label: str):
+def make_session(model: onnx.ModelProto | str | os.PathLike, providers: tuple[str, ...], workdir: str, label: str):
     import onnxruntime as ort
     from ..onnx.io import needs_external_data, save_model
     options = ort.SessionOptions()
@@ -43,10 +44,9 @@ def _session(model: onnx.ModelProto | str | os.PathLike, providers: tuple[str, .
         raise UnsupportedError(f"onnxruntime cannot load the {label} model: {message}") from None
 
 
-def _run(session, feeds: Mapping[str, np.ndarray], label: str) -> dict[str, np.ndarray]:
+def _run(activations, feeds: Mapping[str, np.ndarray], names: list[str], label: str) -> dict[str, np.ndarray]:
     try:
-        names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(names, dict(feeds))))
+        return activations.run(feeds, names)
     except Exception as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InvalidModelError(f"onnxruntime failed to run the {label} model: {message}; "
@@ -63,27 +63,41 @@ def make_feeds(model: onnx.ModelProto, inputs: str | os.PathLike | Mapping[str, 
     return load_npz_inputs(inputs, model), str(inputs)
 
 
-def validate_models(reference: onnx.ModelProto | str | os.PathLike, candidate: onnx.ModelProto, *, provider: str = "auto",
-                    inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+def validate_models(reference: onnx.ModelProto | str | os.PathLike, candidate: onnx.ModelProto, *,
+                    provider: str = "auto", inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
                     input_shapes: Mapping[str, tuple[int, ...]] | None = None, atol: float = DEFAULT_ATOL,
-                    rtol: float = DEFAULT_RTOL, seed: int = 0) -> ValidationReport:
-    """Run both models on the same inputs and compare every output of the reference by name. ``reference`` may be
-    the path of the unmodified original (then the inputs are read off the candidate, which has the same ones)."""
+                    rtol: float = DEFAULT_RTOL, seed: int = 0, check: str = "exact",
+                    min_cosine: float | None = None, min_agreement: float | None = None,
+                    layer_outputs: tuple[str, ...] = (), batch_size: int = VALIDATION_BATCH) -> ValidationReport:
+    """Run both models on the same inputs (in batches) and compare every output of the reference by name.
+
+    ``check="exact"`` applies atol / rtol; ``check="fidelity"`` measures and applies only the optional gates.
+    ``layer_outputs`` are intermediate values present in both models (a replaced BN keeps its output name):
+    their cosine similarity is reported as per-layer drift. ``reference`` may be the path of the unmodified
+    original (then the inputs are read off the candidate, which has the same ones).
+    """
+    from ..onnx.activations import Activations, iter_batches
     choice = select_providers(provider)
     feeds, source = make_feeds(reference if isinstance(reference, onnx.ModelProto) else candidate, inputs,
                                input_shapes, seed)
     with tempfile.TemporaryDirectory(prefix="normswap-") as workdir:
-        ref_session = _session(reference, choice.providers, workdir, "reference")
-        cand_session = _session(candidate, choice.providers, workdir, "candidate")
-        ran = list(dict.fromkeys(ref_session.get_providers() + cand_session.get_providers()))
+        ref = Activations(reference, list(layer_outputs), choice.providers, workdir, "reference")
+        cand = Activations(candidate, list(layer_outputs), choice.providers, workdir, "candidate")
+        ran = list(dict.fromkeys(ref.providers + cand.providers))
         check_ran(choice, ran)
-        ref_out = _run(ref_session, feeds, "reference")
-        cand_names = {o.name for o in cand_session.get_outputs()}
-        missing = [n for n in ref_out if n not in cand_names]
+        out_names = [o.name for o in ref.session.get_outputs() if o.name not in layer_outputs]
+        cand_names = {o.name for o in cand.session.get_outputs()}
+        missing = [n for n in out_names if n not in cand_names]
         if missing:
             raise InvalidModelError(f"the candidate has no output(s) {missing} that the reference has; "
                                     "compare models with the same outputs")
-        cand_out = _run(cand_session, {k: v for k, v in feeds.items()
-                                       if k in {i.name for i in cand_session.get_inputs()}}, "candidate")
-    comparisons = [compare_output(name, ref_out[name], cand_out[name], atol, rtol) for name in ref_out]
-    return ValidationReport("exact", ran, provider, OPTIMIZATION, atol, rtol, source, comparisons)
+        stats = {n: OutputStats(n, atol, rtol) for n in out_names + list(layer_outputs)}
+        for batch in iter_batches(feeds, batch_size):
+            r = _run(ref, batch, out_names + list(layer_outputs), "reference")
+            c = _run(cand, batch, out_names + list(layer_outputs), "candidate")
+            for name, st in stats.items():
+                st.add(r[name], c[name])
+    comparisons = [stats[n].result(check, min_cosine, min_agreement) for n in out_names]
+    drift = {n: stats[n].cosine for n in layer_outputs}
+    return ValidationReport(check, ran, provider, OPTIMIZATION, atol, rtol, source, comparisons,
+                            min_cosine=min_cosine, min_agreement=min_agreement, layer_cosine=drift)

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from ..._math import bn_affine
+from ...targets import ReplaceOptions
 from ..graph import GraphIndex
 from ..types import ValueType
 
@@ -39,10 +40,29 @@ class BnSite:
     t: np.ndarray
     channels: int
     x_type: ValueType | None
+    eps: float
+    options: ReplaceOptions
+    gamma: np.ndarray
+    beta: np.ndarray
 
     @property
     def node(self) -> onnx.NodeProto:
         return self.graph.nodes[self.index]
+
+
+@dataclass
+class Rewritten:
+    """What a rewrite produced: the new or rewritten nodes, the node that absorbed the BN (fold), and for a new
+    normalization its group count and the initializers holding its per-channel scale and shift."""
+
+    new_nodes: list[str]
+    producer: int | None = None
+    groups: int | None = None
+    scale: str | None = None
+    shift: str | None = None
+    detail: str = ""
+    group_candidates: tuple[int, ...] = ()  # group counts calibration may choose among (by measured fit)
+    group_consts: tuple[str, str, str] | None = None  # initializers fixing G: reshape shape, IN scale, IN bias
 
 
 @dataclass(frozen=True)
@@ -50,7 +70,7 @@ class Rule:
     name: str
     summary: str
     match: Callable[[BnSite], Any]
-    rewrite: Callable[[BnSite, Any], list[str]]
+    rewrite: Callable[[BnSite, Any], Rewritten]
 
 
 def attr(node: onnx.NodeProto, name: str, default):
@@ -79,7 +99,7 @@ def _param_reason(graph: GraphIndex, name: str, role: str) -> str:
     return f"its {role} '{name}' is not constant (computed from graph inputs at run time)"
 
 
-def read_bn_site(graph: GraphIndex, i: int) -> BnSite | Skip:
+def read_bn_site(graph: GraphIndex, i: int, options: ReplaceOptions = ReplaceOptions()) -> BnSite | Skip:
     """Check the guards every BN rewrite shares and read its per-channel affine ``(s, t)`` in float64."""
     node = graph.nodes[i]
     if attr(node, "training_mode", 0) == 1 or attr(node, "is_test", 1) == 0:
@@ -112,7 +132,8 @@ def read_bn_site(graph: GraphIndex, i: int) -> BnSite | Skip:
         c = x_type.dims[1]
         if isinstance(c, int) and c not in (0, channels):
             return Skip(f"its input has {c} channels but its parameters have {channels}")
-    return BnSite(graph, i, site_name(node), node.input[0], node.output[0], s, t, channels, x_type)
+    return BnSite(graph, i, site_name(node), node.input[0], node.output[0], s, t, channels, x_type, eps, options,
+                  params[0].astype(np.float64), params[1].astype(np.float64))
 
 
 def cast_like(array: np.ndarray, elem_type: int) -> np.ndarray:

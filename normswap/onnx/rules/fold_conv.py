@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..._math import fold_conv_transpose_weight, fold_conv_weight, fold_bias
-from .base import (BnSite, Rule, Skip, attr, cast_like, constant_float_weight, elem_type_of, per_channel_vector,
+from .base import (BnSite, Rewritten, Rule, Skip, attr, cast_like, constant_float_weight, elem_type_of, per_channel_vector,
                    producer_through_bias_add, single_reader)
 
 OPS = ("Conv", "ConvTranspose")
@@ -68,7 +68,7 @@ def match(site: BnSite) -> ConvMatch | Skip | None:
     return ConvMatch(conv_i, add_i, add_bias, weight, bias)
 
 
-def rewrite(site: BnSite, m: ConvMatch) -> list[str]:
+def rewrite(site: BnSite, m: ConvMatch) -> Rewritten:
     g = site.graph
     conv = g.nodes[m.conv]
     if conv.op_type == "Conv":
@@ -89,7 +89,7 @@ def rewrite(site: BnSite, m: ConvMatch) -> list[str]:
     g.remove_node(site.index)
     g.rename_output(m.conv, 0, site.y)
     conv.doc_string = (conv.doc_string + "\n" if conv.doc_string else "") + f"normswap fold_conv: absorbed {site.name}"
-    return [base]
+    return Rewritten([base], producer=m.conv)
 
 
 RULE = Rule("fold_conv", "BN folded into the producing Conv / ConvTranspose (also through a bias Add)",

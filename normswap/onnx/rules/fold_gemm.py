@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from ..._math import fold_bias, fold_matrix_columns
-from .base import (BnSite, Rule, Skip, attr, cast_like, constant_float_weight, elem_type_of, per_channel_vector,
+from .base import (BnSite, Rewritten, Rule, Skip, attr, cast_like, constant_float_weight, elem_type_of, per_channel_vector,
                    producer_through_bias_add, set_attr, single_reader)
 
 
@@ -75,7 +75,7 @@ def match(site: BnSite) -> MatrixMatch | Skip | None:
     return MatrixMatch(i, add_i, weight, transposed, bias)
 
 
-def rewrite(site: BnSite, m: MatrixMatch) -> list[str]:
+def rewrite(site: BnSite, m: MatrixMatch) -> Rewritten:
     g = site.graph
     node = g.nodes[m.node]
     base = node.name or node.output[0]
@@ -90,7 +90,7 @@ def rewrite(site: BnSite, m: MatrixMatch) -> list[str]:
         g.remove_node(site.index)
         g.rename_output(m.node, 0, site.y)
         node.doc_string = (node.doc_string + "\n" if node.doc_string else "") + f"normswap fold_gemm: absorbed {site.name}"
-        return [base]
+        return Rewritten([base], producer=m.node)
     bias_name = g.add_initializer(cast_like(b64, w_type), f"{base}.bias_bnfolded")
     add_name = g.names.fresh(f"{site.name}/normswap_fold_gemm_add")
     add = onnx.helper.make_node("Add", [node.output[0], bias_name], [site.y], name=add_name,
@@ -98,7 +98,7 @@ def rewrite(site: BnSite, m: MatrixMatch) -> list[str]:
     if m.add is not None:
         g.remove_node(m.add)
     g.replace_node(site.index, [add])
-    return [base, add_name]
+    return Rewritten([base, add_name], producer=m.node)
 
 
 RULE = Rule("fold_gemm", "BN folded into the producing Gemm / 2-D MatMul", match, rewrite)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import onnx
 
 from ..._math import per_channel_shape
-from .base import FLOAT_TYPES, BnSite, Rule, Skip, cast_like
+from .base import FLOAT_TYPES, BnSite, Rewritten, Rule, Skip, cast_like
 
 
 def _x_elem_type(site: BnSite) -> int | None:
@@ -31,7 +31,7 @@ def match(site: BnSite) -> int | Skip:
     return elem
 
 
-def rewrite(site: BnSite, elem_type: int) -> list[str]:
+def rewrite(site: BnSite, elem_type: int) -> Rewritten:
     g = site.graph
     shape = per_channel_shape(site.channels, site.x_type.rank)
     scale = g.add_initializer(cast_like(site.s.reshape(shape), elem_type), f"{site.name}.affine_scale")
@@ -44,7 +44,7 @@ def rewrite(site: BnSite, elem_type: int) -> list[str]:
         onnx.helper.make_node("Mul", [site.x, scale], [mid], name=mul_name, doc_string=doc),
         onnx.helper.make_node("Add", [mid, shift], [site.y], name=add_name, doc_string=doc),
     ])
-    return [mul_name, add_name]
+    return Rewritten([mul_name, add_name], scale=scale, shift=shift)
 
 
 RULE = Rule("affine", "BN replaced by an exact per-channel Mul + Add", match, rewrite)

@@ -1,0 +1,62 @@
+"""Reading intermediate values of a model in ONNX Runtime, batch by batch."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+
+def sample_count(data: Mapping[str, np.ndarray]) -> int | None:
+    """Samples in ``data`` when every array has the same first dimension, else None (not batchable)."""
+    counts = {len(v) if np.ndim(v) else -1 for v in data.values()}
+    return counts.pop() if len(counts) == 1 and -1 not in counts else None
+
+
+def iter_batches(data: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Slices of every array along axis 0; the whole data at once when the arrays do not share axis 0."""
+    count = sample_count(data)
+    if count is None:
+        yield dict(data)
+        return
+    for start in range(0, count, batch_size):
+        yield {k: v[start:start + batch_size] for k, v in data.items()}
+
+
+class Activations:
+    """An onnxruntime session that can return any value of the model's main graph, not only its outputs.
+
+    The requested values are appended to the graph outputs just long enough to build the session, so the model
+    object is left as it was.
+    """
+
+    def __init__(self, model: onnx.ModelProto | str | os.PathLike, names: list[str], providers: tuple[str, ...],
+                 workdir: str, label: str) -> None:
+        from ..validate.runner import make_session
+        from .io import load_model
+        if isinstance(model, (str, Path)) and not names:  # nothing extra to read: onnxruntime loads the file
+            self.session = make_session(model, providers, workdir, label)
+            self.inputs = {i.name for i in self.session.get_inputs()}
+            self.providers = self.session.get_providers()
+            self.feed_names = set(self.inputs)
+            return
+        proto = load_model(model).model if isinstance(model, (str, Path)) else model
+        self.inputs = {i.name for i in proto.graph.input}
+        existing = {o.name for o in proto.graph.output}
+        added = [n for n in dict.fromkeys(names) if n not in existing and n not in self.inputs]
+        proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in added)
+        try:
+            self.session = make_session(proto, providers, workdir, label)
+        finally:
+            del proto.graph.output[len(proto.graph.output) - len(added):]
+        self.providers = self.session.get_providers()
+        self.feed_names = {i.name for i in self.session.get_inputs()}
+
+    def run(self, feeds: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        wanted = [n for n in dict.fromkeys(names) if n not in self.inputs]
+        values = self.session.run(wanted, {k: v for k, v in feeds.items() if k in self.feed_names}) if wanted else []
+        out = dict(zip(wanted, values))
+        out.update({n: np.asarray(feeds[n]) for n in names if n in self.inputs})
+        return out

@@ -1,0 +1,158 @@
+"""Calibration: refit the per-channel scale and shift of every new normalization so that its output matches the
+original BN's output on unlabeled data -- the network keeps what it learned.
+
+For a new layer with normalized input ``z`` (GroupNorm / LayerNorm / InstanceNorm of its input, no affine) and
+the original BN's output ``y``, the fit is the closed-form per-channel least squares ``y ~ a * z + b`` over every
+sample and position (``_math.AffineFit``: five running sums per channel, so memory does not grow with the data).
+
+Layers are fitted level by level in topological order: a layer's level is one more than the deepest new layer
+upstream of it, and all layers of one level are fitted in the same pass over the data, with every upstream layer
+already fitted -- each fit sees the converted network it will live in, so error does not accumulate. ``z`` is
+computed in float64 numpy from the layer's input as onnxruntime produces it in the converted model. Afterwards
+the layer producing a model output (a Gemm / MatMul head) can be refitted in closed form to the original outputs
+(``refit_head``).
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..report import CalibrationReport
+from .._math import AffineFit, channel_normalize, group_normalize, pick_groups_by_fit
+from ..errors import UsageError
+from .activations import Activations, iter_batches, sample_count
+from .convert import NewNorm
+from .refit_head import find_head, refit_head
+from .walk import free_names, subgraphs_of
+
+DEFAULT_BATCH_SIZE = 64
+Progress = Callable[[int, int, str], None]
+
+
+def norm_levels(graph: onnx.GraphProto, norms: list[NewNorm]) -> dict[str, int]:
+    """Level of each new norm (by output name): 1 + the deepest new norm upstream of it. Linear in the graph."""
+    outputs = {n.y for n in norms}
+    level: dict[str, int] = {}
+    result: dict[str, int] = {}
+    for node in graph.node:
+        reads = [i for i in node.input if i]
+        for sub in subgraphs_of(node):
+            reads.extend(free_names(sub))
+        base = max((level.get(i, 0) for i in reads), default=0)
+        for out in node.output:
+            if out in outputs:
+                result[out] = base + 1
+                level[out] = base + 1
+            else:
+                level[out] = base
+    return result
+
+
+def _set_initializer(model: onnx.ModelProto, name: str, values: np.ndarray, reshape: bool = True) -> None:
+    """Overwrite a main-graph initializer's values, keeping its dtype (and its shape when ``reshape``)."""
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    array = np.asarray(values).astype(dtype)
+    tensor.CopyFrom(numpy_helper.from_array(array.reshape(tuple(tensor.dims)) if reshape else array, name))
+
+
+def _candidates(norm: NewNorm, choose_groups: bool) -> tuple[int | None, ...]:
+    """Group counts to fit for a layer: all allowed ones when choosing by fit, else its own."""
+    if choose_groups and len(norm.group_candidates) > 1 and norm.group_consts is not None:
+        return norm.group_candidates
+    return (norm.groups,)
+
+
+def _normalized(norm: NewNorm, groups: int | None, x: np.ndarray) -> np.ndarray:
+    return channel_normalize(x, norm.eps) if groups is None else group_normalize(x, groups, norm.eps)
+
+
+def _apply_groups(model: onnx.ModelProto, norm: NewNorm, groups: int, sse: dict) -> None:
+    """Re-point the emitted GroupNorm at ``groups`` groups (reshape shape and unit InstanceNorm parameters)."""
+    shape, ones, zeros = norm.group_consts
+    _set_initializer(model, shape, np.array([0, groups, -1], np.int64), reshape=False)
+    _set_initializer(model, ones, np.ones(groups, np.float32), reshape=False)
+    _set_initializer(model, zeros, np.zeros(groups, np.float32), reshape=False)
+    norm.groups = norm.record.groups = groups
+    tried = ", ".join(f"G={g}: {e:.3g}" for g, e in sorted(sse.items()))
+    norm.record.reason += f"; calibration chose {groups} group(s) by fit (squared error {tried})"
+
+
+def calibrate(reference: onnx.ModelProto | Path, converted: onnx.ModelProto, norms: list[NewNorm],
+              data: Mapping[str, np.ndarray], providers: tuple[str, ...], *, batch_size: int = DEFAULT_BATCH_SIZE,
+              refit_output_layer: bool = True, choose_groups: bool = True, progress: Progress | None = None
+              ) -> CalibrationReport:
+    """Fit every main-graph NewNorm of ``converted`` (edited in place) to ``reference`` on ``data``."""
+    start = time.perf_counter()
+    samples = sample_count(data)
+    if samples is None:
+        raise UsageError("the calibration arrays hold different numbers of samples; give every input the same "
+                         "first dimension")
+    fitted = [n for n in norms if n.graph == "main"]
+    report = CalibrationReport(samples, batch_size, 0, 0.0, "all" if refit_output_layer else "norms")
+    skipped = len(norms) - len(fitted)
+    if skipped:
+        report.notes.append(f"{skipped} layer(s) inside control-flow bodies keep the copied gamma/beta "
+                            "(calibration reads main-graph values only)")
+    levels = norm_levels(converted.graph, fitted)
+    by_level: dict[int, list[NewNorm]] = {}
+    for n in fitted:
+        by_level.setdefault(levels[n.y], []).append(n)
+    batches = -(-samples // batch_size)
+    head = find_head(converted) if refit_output_layer else None
+    total = (len(by_level) + (head is not None)) * batches
+    done = 0
+    with tempfile.TemporaryDirectory(prefix="normswap-calib-") as workdir:
+        original = Activations(reference, [n.y for n in fitted] + ([head.output] if head else []), providers,
+                               workdir, "reference")
+        for level in sorted(by_level):
+            group = by_level[level]
+            candidate = Activations(converted, [n.x for n in group], providers, workdir, "candidate")
+            fits = {n.y: {g: AffineFit(n.channels) for g in _candidates(n, choose_groups)} for n in group}
+            for batch in iter_batches(data, batch_size):
+                targets = original.run(batch, [n.y for n in group])
+                inputs = candidate.run(batch, [n.x for n in group])
+                for n in group:
+                    for g, fit in fits[n.y].items():
+                        fit.add(_normalized(n, g, inputs[n.x]), targets[n.y])
+                done += 1
+                if progress:
+                    progress(done, total, f"calibrating level {level}/{len(by_level)}")
+            for n in group:
+                solved = {g: fit.solve() for g, fit in fits[n.y].items()}
+                if len(solved) > 1:
+                    sse = {g: float(r[2].sum()) for g, r in solved.items()}
+                    chosen = pick_groups_by_fit(sse)
+                    if chosen != n.groups:
+                        _apply_groups(converted, n, chosen, sse)
+                a, b, _ = solved[n.groups]
+                _set_initializer(converted, n.scale, a)
+                _set_initializer(converted, n.shift, b)
+                n.record.calibrated = True
+                report.layers_changed.append(n.record.name)
+            report.passes += 1
+        if head is not None:
+            candidate = Activations(converted, [head.input], providers, workdir, "candidate")
+
+            def pairs():
+                nonlocal done
+                for batch in iter_batches(data, batch_size):
+                    yield (candidate.run(batch, [head.input])[head.input],
+                           original.run(batch, [head.output])[head.output])
+                    done += 1
+                    if progress:
+                        progress(done, total, "refitting the output layer")
+            outcome = refit_head(converted, head, pairs())
+            report.passes += 1
+            report.notes.append(outcome)
+            if outcome.startswith("refitted"):
+                report.head = head.name
+                report.layers_changed.append(head.name)
+    report.seconds = time.perf_counter() - start
+    return report
