@@ -38,13 +38,15 @@ class Activations:
         from .io import load_model
         if isinstance(model, (str, Path)) and not names:  # nothing extra to read: onnxruntime loads the file
             self.session = make_session(model, providers, workdir, label)
+            self.outputs = [o.name for o in self.session.get_outputs()]
             self.inputs = {i.name for i in self.session.get_inputs()}
             self.providers = self.session.get_providers()
             self.feed_names = set(self.inputs)
             return
         proto = load_model(model).model if isinstance(model, (str, Path)) else model
         self.inputs = {i.name for i in proto.graph.input}
-        existing = {o.name for o in proto.graph.output}
+        self.outputs = [o.name for o in proto.graph.output]  # the model's own outputs, in order
+        existing = set(self.outputs)
         added = [n for n in dict.fromkeys(names) if n not in existing and n not in self.inputs]
         proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in added)
         try:

@@ -85,16 +85,16 @@ def validate_models(reference: onnx.ModelProto | str | os.PathLike, candidate: o
         cand = Activations(candidate, list(layer_outputs), choice.providers, workdir, "candidate")
         ran = list(dict.fromkeys(ref.providers + cand.providers))
         check_ran(choice, ran)
-        out_names = [o.name for o in ref.session.get_outputs() if o.name not in layer_outputs]
-        cand_names = {o.name for o in cand.session.get_outputs()}
+        out_names = ref.outputs
+        cand_names = set(cand.outputs)
         missing = [n for n in out_names if n not in cand_names]
         if missing:
             raise InvalidModelError(f"the candidate has no output(s) {missing} that the reference has; "
                                     "compare models with the same outputs")
-        stats = {n: OutputStats(n, atol, rtol) for n in out_names + list(layer_outputs)}
+        stats = {n: OutputStats(n, atol, rtol) for n in dict.fromkeys(out_names + list(layer_outputs))}
         for batch in iter_batches(feeds, batch_size):
-            r = _run(ref, batch, out_names + list(layer_outputs), "reference")
-            c = _run(cand, batch, out_names + list(layer_outputs), "candidate")
+            r = _run(ref, batch, list(stats), "reference")
+            c = _run(cand, batch, list(stats), "candidate")
             for name, st in stats.items():
                 st.add(r[name], c[name])
     comparisons = [stats[n].result(check, min_cosine, min_agreement) for n in out_names]
