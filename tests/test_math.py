@@ -1,5 +1,6 @@
 """Property tests: every fold formula equals a direct float64 evaluation of producer-then-BatchNorm."""
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -135,3 +136,78 @@ def test_conv_transpose_fold_scales_axis_1_per_group():
     np.testing.assert_allclose(got, expected)
     assert not np.allclose(got, w * s.reshape(4, 1, 1, 1))  # the axis-0 bug
     assert not np.allclose(got[2:], w[2:] * s[:2].reshape(1, 2, 1, 1))  # the ignored-group bug
+
+
+# ---- replacement norms ----------------------------------------------------------------------------------------
+from normswap._math import (AffineFit, allowed_groups, choose_groups, group_normalize,  # noqa: E402
+                            pick_groups_by_fit, ridge_solve)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 4), st.integers(1, 40), st.integers(0, 2**16))
+def test_streaming_affine_fit_equals_per_channel_least_squares(channels, batches, rows, seed):
+    rng = np.random.default_rng(seed)
+    zs = [rng.standard_normal((rows, channels, 3)) for _ in range(batches)]
+    ys = [2.0 * z + rng.standard_normal(z.shape) * 0.1 + 1.0 for z in zs]
+    fit = AffineFit(channels)
+    for z, y in zip(zs, ys):
+        fit.add(z, y)
+    a, b, sse = fit.solve()
+    z_all = np.concatenate(zs).transpose(1, 0, 2).reshape(channels, -1)
+    y_all = np.concatenate(ys).transpose(1, 0, 2).reshape(channels, -1)
+    for c in range(channels):
+        if np.ptp(z_all[c]) == 0:
+            continue
+        slope, intercept = np.polyfit(z_all[c], y_all[c], 1)
+        assert a[c] == pytest.approx(slope, rel=1e-6, abs=1e-9)
+        assert b[c] == pytest.approx(intercept, rel=1e-6, abs=1e-9)
+        assert sse[c] == pytest.approx(np.sum((y_all[c] - slope * z_all[c] - intercept) ** 2), rel=1e-6, abs=1e-8)
+
+
+def test_affine_fit_of_a_constant_channel_is_its_mean():
+    fit = AffineFit(1)
+    fit.add(np.ones((4, 1)), np.arange(4.0).reshape(4, 1))
+    a, b, _ = fit.solve()
+    assert a[0] == 0 and b[0] == pytest.approx(1.5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 64), st.integers(1, 64), st.integers(1, 32))
+def test_chosen_groups_divide_channels_and_are_large_enough(channels, spatial, groups, min_elements):
+    g, how = choose_groups(channels, spatial, groups=groups, min_elements=min_elements)
+    allowed = allowed_groups(channels, spatial, groups, min_elements)
+    if g is None:
+        assert not allowed
+    else:
+        assert channels % g == 0 and g <= groups and (channels // g) * spatial >= min_elements
+        assert g == max(allowed)  # the largest allowed count
+    with pytest.raises(ValueError):
+        choose_groups(channels, spatial)
+
+
+def test_group_size_and_degenerate_nc_input():
+    assert choose_groups(64, 1, group_size=16)[0] == 4
+    assert choose_groups(64, 1, groups=32)[0] == 4  # (N, C): 2 values per group would be degenerate
+    assert choose_groups(8, 1, groups=8)[0] is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**16), st.sampled_from([1, 2, 4]))
+def test_group_normalize_special_cases(seed, groups):
+    x = np.random.default_rng(seed).standard_normal((2, 4, 3, 3)) * 5 + 100
+    z = group_normalize(x, groups, 1e-5)
+    r = z.reshape(2, groups, -1)
+    np.testing.assert_allclose(r.mean(-1), 0, atol=1e-9)
+    np.testing.assert_allclose(r.var(-1), 1, atol=1e-5)  # up to eps
+
+
+def test_pick_groups_by_fit_prefers_more_groups_within_slack():
+    assert pick_groups_by_fit({1: 100.0, 2: 101.0, 4: 150.0}) == 2
+    assert pick_groups_by_fit({1: 100.0, 2: 110.0}) == 1
+
+
+def test_ridge_solve_is_least_squares_for_small_ridge():
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((50, 3))
+    w = rng.standard_normal((3, 2))
+    np.testing.assert_allclose(ridge_solve(h.T @ h, h.T @ (h @ w), 1e-12), w, rtol=1e-6)

@@ -49,3 +49,25 @@ def test_onnx_commands_never_import_torch(exported, tmp_path):
             "normswap.inspect(sys.argv[1]); assert r.report.passed; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code, str(exported["resnet"]), str(tmp_path / "o.onnx")], check=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+@pytest.mark.parametrize("target", ["group", "layer", "instance", "weight"])
+def test_every_target_converts_exported_nets(exported, name, target):
+    rng = np.random.default_rng(0)
+    calib = {"x": rng.standard_normal((64, 1, 8, 8)).astype(np.float32)}
+    held = {"x": rng.standard_normal((32, 1, 8, 8)).astype(np.float32)}
+    kwargs = {} if target == "weight" else {"calibration": calib}
+    result = normswap.convert(exported[name], to=target, inputs=held, **kwargs)
+    onnx.checker.check_model(result.model)
+    assert "BatchNormalization" not in [n.op_type for n in result.model.graph.node]
+    actions = {layer.action for layer in result.report.layers}
+    assert actions <= {"converted", "affine"} and "converted" in actions
+    if target == "weight":
+        assert result.report.passed and result.report.validation.check == "exact"
+    else:
+        plain = normswap.convert(exported[name], to=target, inputs=held)
+        cos = result.report.validation.outputs[0].cosine
+        assert cos > plain.report.validation.outputs[0].cosine  # calibration brings it closer
+        assert cos > 0.9

@@ -131,6 +131,8 @@ ARCHITECTURES = {"resnet": ResNetStyle, "mobilenet": MobileNetStyle, "densenet":
 def export(module: nn.Module, path, shape=(2, 1, 8, 8)) -> None:
     """Export with the dynamo exporter and optimize=False, so BN stays in the graph, as one self-contained file."""
     import onnx
-    torch.onnx.export(module, (torch.randn(*shape),), str(path), dynamo=True, optimize=False, verbose=False)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.onnx.export(module, (torch.randn(*shape),), str(path), dynamo=True, optimize=False, verbose=False,
+                      input_names=["x"], dynamic_shapes={"x": {0: batch}})
     m = onnx.load(str(path))  # re-save with the weights inline (the exporter may write a .data file)
     onnx.save_model(m, str(path))

@@ -42,6 +42,7 @@ class Activations:
             self.inputs = {i.name for i in self.session.get_inputs()}
             self.providers = self.session.get_providers()
             self.feed_names = set(self.inputs)
+            self.label = label
             return
         proto = load_model(model).model if isinstance(model, (str, Path)) else model
         self.inputs = {i.name for i in proto.graph.input}
@@ -55,10 +56,17 @@ class Activations:
             del proto.graph.output[len(proto.graph.output) - len(added):]
         self.providers = self.session.get_providers()
         self.feed_names = {i.name for i in self.session.get_inputs()}
+        self.label = label
 
     def run(self, feeds: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         wanted = [n for n in dict.fromkeys(names) if n not in self.inputs]
-        values = self.session.run(wanted, {k: v for k, v in feeds.items() if k in self.feed_names}) if wanted else []
+        try:
+            values = self.session.run(wanted, {k: v for k, v in feeds.items() if k in self.feed_names}) if wanted else []
+        except Exception as e:
+            from ..errors import InvalidModelError
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise InvalidModelError(f"onnxruntime failed to run the {self.label} model: {message}; check that the "
+                                    "data (--inputs / --calibrate / --input-shape) fits the model's inputs") from None
         out = dict(zip(wanted, values))
         out.update({n: np.asarray(feeds[n]) for n in names if n in self.inputs})
         return out

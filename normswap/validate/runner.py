@@ -44,15 +44,6 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, providers: tuple[st
         raise UnsupportedError(f"onnxruntime cannot load the {label} model: {message}") from None
 
 
-def _run(activations, feeds: Mapping[str, np.ndarray], names: list[str], label: str) -> dict[str, np.ndarray]:
-    try:
-        return activations.run(feeds, names)
-    except Exception as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InvalidModelError(f"onnxruntime failed to run the {label} model: {message}; "
-                                "check --inputs / --input-shape") from None
-
-
 def make_feeds(model: onnx.ModelProto, inputs: str | os.PathLike | Mapping[str, np.ndarray] | None,
                input_shapes: Mapping[str, tuple[int, ...]] | None, seed: int) -> tuple[dict, str]:
     """Feeds and a description of where they came from."""
@@ -93,8 +84,8 @@ def validate_models(reference: onnx.ModelProto | str | os.PathLike, candidate: o
                                     "compare models with the same outputs")
         stats = {n: OutputStats(n, atol, rtol) for n in dict.fromkeys(out_names + list(layer_outputs))}
         for batch in iter_batches(feeds, batch_size):
-            r = _run(ref, batch, list(stats), "reference")
-            c = _run(cand, batch, list(stats), "candidate")
+            r = ref.run(batch, list(stats))
+            c = cand.run(batch, list(stats))
             for name, st in stats.items():
                 st.add(r[name], c[name])
     comparisons = [stats[n].result(check, min_cosine, min_agreement) for n in out_names]
