@@ -138,3 +138,31 @@ def test_quick_start_fixture(tmp_path):
     r = cli("convert", "digits_resnet.onnx", "--to", "fold", "--inputs", "digits_heldout.npz", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "6 folded" in r.stdout and (tmp_path / "digits_resnet.fold.onnx").exists()
+
+
+def test_group_with_calibration_and_gates(tmp_path):
+    for name in ("digits_resnet.onnx", "digits_heldout.npz"):
+        shutil.copy(FIXTURES / name, tmp_path / name)
+    x = np.load(tmp_path / "digits_heldout.npz")["x"]
+    np.savez(tmp_path / "calib.npz", x=x[:200])
+    np.savez(tmp_path / "held.npz", x=x[200:])
+    r = cli("convert", "digits_resnet.onnx", "--to", "group", "--groups", "32", "--calibrate", "calib.npz",
+            "--inputs", "held.npz", "--min-agreement", "0.97", "--report", "r.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "calibration: 200 samples" in r.stdout and "fidelity" in r.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["target"] == "group" and report["exact"] is False and report["function_preserved"] is True
+    assert all(layer["groups"] and layer["calibrated"] and layer["drift_cosine"] for layer in report["layers"])
+    assert report["calibration"]["layers_changed"] and report["validation"]["check"] == "fidelity"
+    assert (tmp_path / "digits_resnet.group.onnx").exists()
+    r = cli("convert", "digits_resnet.onnx", "--to", "instance", "--inputs", "held.npz", "--min-cosine", "0.99",
+            cwd=tmp_path)
+    assert r.returncode == 1 and "NOT" in r.stderr and not (tmp_path / "digits_resnet.instance.onnx").exists()
+
+
+def test_replacement_option_errors_exit_2(model_path):
+    assert cli("convert", model_path, "--to", "group", "--groups", "0").returncode == 2
+    assert cli("convert", model_path, "--to", "layer", "--layer-over", "rows").returncode == 2
+    assert cli("convert", model_path, "--to", "group", "--min-cosine", "2").returncode == 2
+    r = cli("convert", model_path, "--to", "group", "--opset", "9")
+    assert r.returncode == 2 and "only upgrades" in r.stderr

@@ -1,0 +1,149 @@
+"""Fidelity benchmark: how much of what a trained BN network learned survives each replacement.
+
+Trains two small BN CNNs on scikit-learn's digits (a residual net, and a depthwise-separable net whose channel
+counts are not multiples of 32), exports them with BN kept, converts them to group (G = 32), layer and instance,
+with and without calibration, and measures held-out top-1 agreement with the original (and cosine of the
+logits) plus the time calibration takes, as a multiple of one forward pass of the original over the calibration
+data. Writes docs/fidelity.md.
+
+Usage: python benchmarks/fidelity.py [--out docs/fidelity.md]   (needs: pip install -e .[test])
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "fixtures"))
+
+import make_fixtures  # noqa: E402  (digits split, training loop, export)
+
+import normswap  # noqa: E402
+
+CALIBRATION_SAMPLES = 300
+
+
+def depthwise_separable_net():
+    import torch
+    from torch import nn
+
+    def sep(c_in, c_out, stride):
+        return nn.Sequential(nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False), nn.BatchNorm2d(c_in),
+                             nn.ReLU(), nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+    class DigitsSeparable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
+            self.body = nn.Sequential(sep(12, 20, 1), sep(20, 36, 2), sep(36, 44, 1))
+            self.fc = nn.Linear(44, 10)
+
+        def forward(self, x):
+            return self.fc(self.body(self.stem(x)).mean((2, 3)))
+
+    torch.manual_seed(1)
+    return DigitsSeparable()
+
+
+def forward_seconds(path: Path, x: np.ndarray, repeats: int = 5) -> float:
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for k in range(0, len(x), 64):
+            session.run(None, {"x": x[k:k + 64]})
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+CONFIGS = [  # (label, target, kwargs, calibrated)
+    ("group G=32, gamma/beta copied", "group", {"groups": 32}, False),
+    ("group G=32, calibrated (G fixed per layer)", "group", {"groups": 32, "choose_groups": False}, True),
+    ("group G=32, calibrated, norms only", "group", {"groups": 32, "refit_output_layer": False}, True),
+    ("group G=32, calibrated (G chosen by fit)", "group", {"groups": 32}, True),
+    ("layer, gamma/beta copied", "layer", {}, False),
+    ("layer, calibrated, norms only", "layer", {"refit_output_layer": False}, True),
+    ("layer, calibrated", "layer", {}, True),
+    ("instance, gamma/beta copied", "instance", {}, False),
+    ("instance, calibrated", "instance", {}, True),
+]
+
+
+def run(out: Path) -> None:
+    (x_train, y_train), (x_test, y_test) = make_fixtures.digits()
+    calib, held = {"x": x_train[:CALIBRATION_SAMPLES]}, {"x": x_test}
+    nets = {"residual (16/24 channels)": make_fixtures.build_model(),
+            "depthwise-separable (12/20/36/44 channels)": depthwise_separable_net()}
+    rows, accuracies = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for net_name, net in nets.items():
+            make_fixtures.train(net, x_train, y_train)
+            path = Path(tmp) / "net.onnx"
+            make_fixtures.export(net, path)
+            import torch
+            with torch.no_grad():
+                accuracies[net_name] = float((net(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
+            forward = forward_seconds(path, calib["x"])
+            for label, target, kwargs, calibrated in CONFIGS:
+                result = normswap.convert(path, to=target, inputs=held, calibration=calib if calibrated else None,
+                                          provider="cpu", **kwargs)
+                output = result.report.validation.outputs[0]
+                c = result.report.calibration
+                groups = sorted({layer.groups for layer in result.report.layers if layer.groups})
+                rows.append((net_name, label, output.top1_agreement, output.cosine, groups,
+                             None if c is None else c.seconds, None if c is None else c.seconds / forward,
+                             None if c is None else c.passes))
+                print(f"{net_name:44s} {label:45s} agreement {output.top1_agreement:.4f}", flush=True)
+    write(out, rows, accuracies)
+
+
+def write(out: Path, rows, accuracies) -> None:
+    lines = [
+        "# Fidelity benchmark: does the swapped network keep what it learned?",
+        "",
+        f"Generated by `python benchmarks/fidelity.py` on {platform.machine()} with {platform.python_version()} "
+        f"({time.strftime('%Y-%m-%d')}), ONNX Runtime CPU.",
+        "",
+        "Two BN CNNs trained on scikit-learn's digits (8x8 images; 1077 training images), exported by torch.onnx "
+        "with BN kept. Each is converted and compared with the original on the 360 **held-out** images (never the "
+        f"calibration data). Calibration uses {CALIBRATION_SAMPLES} unlabeled training images. 'gamma/beta "
+        "copied' is what other tools do (Opacus resets them outright); 'norms only' fits the new layers' scale and "
+        "shift without refitting the output layer. Calibration time is also given as a multiple of one forward "
+        "pass of the original model over the calibration data.",
+        "",
+        "Original held-out accuracy: " + "; ".join(f"{k} {v:.3f}" for k, v in accuracies.items()) + ".",
+        "",
+        "| network | conversion | top-1 agreement | logit cosine | groups used | calibration s | x forward | passes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for net, label, agree, cos, groups, secs, ratio, passes in rows:
+        lines.append(f"| {net} | {label} | {agree:.1%} | {cos:.4f} | {', '.join(map(str, groups))} | "
+                     f"{'-' if secs is None else f'{secs:.2f}'} | {'-' if ratio is None else f'{ratio:.0f}'} | "
+                     f"{'-' if passes is None else passes} |")
+    lines += [
+        "",
+        "Targets (issue 3): calibrated GroupNorm >= 97% and calibrated LayerNorm >= 99% held-out agreement.",
+        "",
+        "Reading the table: on 8x8 inputs with 16-44 channels, `--groups 32` becomes one channel per group "
+        "(InstanceNorm), which throws away each channel's spatial mean -- information no per-channel affine can "
+        "restore. Choosing each layer's group count among the allowed ones by measured fit (the default with "
+        "calibration data; `--fixed-groups` turns it off) picks few groups here, and the report lists the "
+        "count chosen for every layer.",
+        "",
+    ]
+    out.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "fidelity.md")
+    run(parser.parse_args().out)
