@@ -134,8 +134,8 @@ def convert(model: ModelLike, to: str = "fold", *, groups: int = DEFAULT_GROUPS,
     before = graph_count(original)
     if isinstance(model, onnx.ModelProto) or opset is not None:  # keep the caller's object / the original intact
         reference: onnx.ModelProto | Path = original
-        converted = _upgrade_opset(original, opset) if opset is not None else onnx.ModelProto()
-        if converted is original or opset is None:
+        converted = _upgrade_opset(original, opset) if opset is not None else original
+        if converted is original:
             converted = onnx.ModelProto()
             converted.CopyFrom(original)
     else:  # loaded for this call only: edit it directly (no second copy of the weights), reference = the file
@@ -144,6 +144,8 @@ def convert(model: ModelLike, to: str = "fold", *, groups: int = DEFAULT_GROUPS,
     probe = _shape_probe(reference, calib, input_shapes, seed, provider) if replacing else None
     conversion = convert_in_place(converted, to, keep_unfoldable, options, probe)
     notes = conversion.notes
+    if calibration is not None and not replacing:
+        notes.append(f"calibration data ignored: --to {to} is exact and has nothing to fit")
     kept = sum(r.action == "kept" for r in conversion.records)
     if kept:
         notes.append(f"{kept} BatchNormalization node(s) kept as they were; see each one's reason")

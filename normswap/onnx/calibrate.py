@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..report import CalibrationReport
 from .._math import AffineFit, channel_normalize, group_normalize, pick_groups_by_fit
 from ..errors import UsageError
 from .activations import Activations, iter_batches, sample_count
 from .convert import NewNorm
+from .graph import overwrite_initializer
 from .refit_head import find_head, refit_head
 from .walk import free_names, subgraphs_of
 
@@ -54,14 +54,6 @@ def norm_levels(graph: onnx.GraphProto, norms: list[NewNorm]) -> dict[str, int]:
     return result
 
 
-def _set_initializer(model: onnx.ModelProto, name: str, values: np.ndarray, reshape: bool = True) -> None:
-    """Overwrite a main-graph initializer's values, keeping its dtype (and its shape when ``reshape``)."""
-    tensor = next(t for t in model.graph.initializer if t.name == name)
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    array = np.asarray(values).astype(dtype)
-    tensor.CopyFrom(numpy_helper.from_array(array.reshape(tuple(tensor.dims)) if reshape else array, name))
-
-
 def _candidates(norm: NewNorm, choose_groups: bool) -> tuple[int | None, ...]:
     """Group counts to fit for a layer: all allowed ones when choosing by fit, else its own."""
     if choose_groups and len(norm.group_candidates) > 1 and norm.group_consts is not None:
@@ -73,12 +65,12 @@ def _normalized(norm: NewNorm, groups: int | None, x: np.ndarray) -> np.ndarray:
     return channel_normalize(x, norm.eps) if groups is None else group_normalize(x, groups, norm.eps)
 
 
-def _apply_groups(model: onnx.ModelProto, norm: NewNorm, groups: int, sse: dict) -> None:
+def _apply_groups(inits: dict[str, onnx.TensorProto], norm: NewNorm, groups: int, sse: dict) -> None:
     """Re-point the emitted GroupNorm at ``groups`` groups (reshape shape and unit InstanceNorm parameters)."""
     shape, ones, zeros = norm.group_consts
-    _set_initializer(model, shape, np.array([0, groups, -1], np.int64), reshape=False)
-    _set_initializer(model, ones, np.ones(groups, np.float32), reshape=False)
-    _set_initializer(model, zeros, np.zeros(groups, np.float32), reshape=False)
+    overwrite_initializer(inits[shape], np.array([0, groups, -1], np.int64), keep_shape=False)
+    overwrite_initializer(inits[ones], np.ones(groups, np.float32), keep_shape=False)
+    overwrite_initializer(inits[zeros], np.zeros(groups, np.float32), keep_shape=False)
     norm.groups = norm.record.groups = groups
     tried = ", ".join(f"G={g}: {e:.3g}" for g, e in sorted(sse.items()))
     norm.record.reason += f"; calibration chose {groups} group(s) by fit (squared error {tried})"
@@ -100,6 +92,7 @@ def calibrate(reference: onnx.ModelProto | Path, converted: onnx.ModelProto, nor
     if skipped:
         report.notes.append(f"{skipped} layer(s) inside control-flow bodies keep the copied gamma/beta "
                             "(calibration reads main-graph values only)")
+    inits = {t.name: t for t in converted.graph.initializer}
     levels = norm_levels(converted.graph, fitted)
     by_level: dict[int, list[NewNorm]] = {}
     for n in fitted:
@@ -130,10 +123,10 @@ def calibrate(reference: onnx.ModelProto | Path, converted: onnx.ModelProto, nor
                     sse = {g: float(r[2].sum()) for g, r in solved.items()}
                     chosen = pick_groups_by_fit(sse)
                     if chosen != n.groups:
-                        _apply_groups(converted, n, chosen, sse)
+                        _apply_groups(inits, n, chosen, sse)
                 a, b, _ = solved[n.groups]
-                _set_initializer(converted, n.scale, a)
-                _set_initializer(converted, n.shift, b)
+                overwrite_initializer(inits[n.scale], a)
+                overwrite_initializer(inits[n.shift], b)
                 n.record.calibrated = True
                 report.layers_changed.append(n.record.name)
             report.passes += 1

@@ -222,3 +222,9 @@ class GraphIndex:
         for k in reversed(stale):
             del self.graph.value_info[k]
         self._changed = False
+
+
+def overwrite_initializer(tensor: onnx.TensorProto, values: np.ndarray, keep_shape: bool = True) -> None:
+    """Replace an initializer's values in place, keeping its name and dtype (and its shape when ``keep_shape``)."""
+    array = np.asarray(values).astype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    tensor.CopyFrom(numpy_helper.from_array(array.reshape(tuple(tensor.dims)) if keep_shape else array, tensor.name))

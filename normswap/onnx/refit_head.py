@@ -19,6 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from .._math import ridge_solve
+from .graph import overwrite_initializer
 from .rules.base import attr, set_attr, site_name
 
 RIDGE = 1e-3  # relative to the mean diagonal of the Gram matrix
@@ -87,12 +88,6 @@ def _current(model: onnx.ModelProto, head: Head, outputs: int) -> np.ndarray:
     return np.vstack([alpha * w, c[None, :]])
 
 
-def _store(model: onnx.ModelProto, name: str, values: np.ndarray) -> None:
-    tensor = next(t for t in model.graph.initializer if t.name == name)
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    tensor.CopyFrom(numpy_helper.from_array(values.astype(dtype).reshape(tuple(tensor.dims)), name))
-
-
 def refit_head(model: onnx.ModelProto, head: Head, pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> str:
     """Refit ``head`` in ``model`` (edited in place) from (features, original outputs) batches; returns a note."""
     gram = cross = None
@@ -120,10 +115,11 @@ def refit_head(model: onnx.ModelProto, head: Head, pairs: Iterable[tuple[np.ndar
     before, after = mse(current), mse(new)
     if not after < before:
         return f"head {head.name} kept: a refit would not lower the error ({after:.3g} vs {before:.3g})"
+    inits = {t.name: t for t in model.graph.initializer}
     weight = new[:-1] if head.bias is not None else new
-    _store(model, head.weight, weight.T if head.transposed else weight)
+    overwrite_initializer(inits[head.weight], weight.T if head.transposed else weight)
     if head.bias is not None:
-        _store(model, head.bias, new[-1])
+        overwrite_initializer(inits[head.bias], new[-1])
     if head.node.op_type == "Gemm":
         set_attr(head.node, "alpha", 1.0)
         set_attr(head.node, "beta", 1.0)
