@@ -5,6 +5,7 @@ Inputs are never mutated: a path is loaded fresh, a ``ModelProto`` is copied bef
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -110,23 +111,47 @@ def _shape_probe(reference: onnx.ModelProto | Path, calibration: Mapping[str, np
     return probe
 
 
-def convert(model: ModelLike, to: str = "fold", *, groups: int = DEFAULT_GROUPS, group_size: int | None = None,
-            layer_over: str = "all", calibration: Inputs = None, refit_output_layer: bool = True,
-            choose_groups: bool = True,
+def _is_torch_module(model) -> bool:
+    """True for a torch.nn.Module, without importing torch when the caller has not."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(model, torch.nn.Module)
+
+
+def convert(model, to: str = "fold", *, groups: int = DEFAULT_GROUPS, group_size: int | None = None,
+            layer_over: str = "all", calibration=None, refit_output_layer: bool = True,
+            choose_groups: bool = True, distill_steps: int = 0, example_inputs=None,
             calibration_batch_size: int = CALIBRATION_BATCH, keep_unfoldable: bool = False, validate: bool = True,
             provider: str = "auto", inputs: Inputs = None, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
             atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, seed: int = 0, min_cosine: float | None = None,
-            min_agreement: float | None = None, opset: int | None = None, progress: Progress | None = None
-            ) -> ConversionResult:
-    """Convert every BatchNormalization of an ONNX model for target ``to`` and (by default) validate the result
-    against the original in ONNX Runtime: exact targets within atol / rtol, replacement targets for fidelity
-    (gated by ``min_cosine`` / ``min_agreement`` when given). ``calibration`` (unlabeled samples: an .npz path
-    or a mapping of input name to array) refits the new layers so the network keeps its function. Validation
-    failure is recorded in the report, not raised."""
-    from .onnx.convert import convert_in_place
-    from .onnx.io import graph_count
+            min_agreement: float | None = None, opset: int | None = None, progress: Progress | None = None):
+    """Convert every BatchNorm of an ONNX model (path or ``onnx.ModelProto``) or a ``torch.nn.Module`` for
+    target ``to`` and (by default) validate the result against the original in ONNX Runtime: exact targets within
+    atol / rtol, replacement targets for fidelity (gated by ``min_cosine`` / ``min_agreement`` when given).
+    ``calibration`` (unlabeled samples; ONNX: an .npz path or a mapping of input name to array; torch: a tensor,
+    a tuple of tensors or an iterable of batches) refits the new layers so the network keeps its function;
+    ``distill_steps`` (torch) then trains their scale and shift to match the original outputs. Validation failure
+    is recorded in the report, not raised. Returns a ``ConversionResult`` (ONNX) or ``TorchConversionResult``."""
     _check_options(to, groups, group_size, layer_over, atol, rtol, min_cosine, min_agreement,
                    calibration_batch_size)
+    if distill_steps < 0:
+        raise UsageError("distill_steps must not be negative")
+    if _is_torch_module(model):
+        from .torch.api import convert_torch
+        if opset is not None:
+            raise UsageError("opset applies to ONNX models only")
+        return convert_torch(model, to, options=ReplaceOptions(groups=groups, group_size=group_size,
+                                                               layer_over=layer_over),
+                             calibration=calibration, example_inputs=example_inputs,
+                             refit_output_layer=refit_output_layer, choose_groups=choose_groups,
+                             calibration_batch_size=calibration_batch_size, distill_steps=distill_steps,
+                             keep_unfoldable=keep_unfoldable, validate=validate, provider=provider, inputs=inputs,
+                             atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement,
+                             progress=progress)
+    if distill_steps or example_inputs is not None:
+        raise UsageError("distill_steps and example_inputs apply to torch modules; ONNX models take calibration "
+                         "data and input_shapes")
+    from .onnx.convert import convert_in_place
+    from .onnx.io import graph_count
     target = get_target(to)
     replacing = to in REPLACEMENT_TARGETS
     original, source, had_external = _load(model, copy=False)
@@ -213,9 +238,13 @@ def validate(reference: ModelLike, candidate: ModelLike, *, provider: str = "aut
                                    min_cosine=min_cosine, min_agreement=min_agreement)
 
 
-def inspect(model: ModelLike) -> InspectReport:
-    """Every normalization site, and what ``--to fold`` would do with it (computed by the real conversion on a
-    scratch copy, so inspect and convert always agree)."""
+def inspect(model) -> InspectReport:
+    """ONNX: every normalization site and what ``--to fold`` would do with it (computed by the real conversion on
+    a scratch copy, so inspect and convert always agree). torch module: every layer that couples the samples of
+    a batch in training -- all BatchNorm forms, including affine=False and frozen ones."""
+    if _is_torch_module(model):
+        from .torch.api import inspect_torch
+        return InspectReport(type(model).__name__, 0, 0, inspect_torch(model))
     from .onnx.convert import convert_in_place, other_norm_sites
     from .onnx.io import opset_of
     scratch, source, _ = _load(model, copy=True)

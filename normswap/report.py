@@ -123,11 +123,14 @@ class ConversionReport(_Json):
     notes: list[str] = field(default_factory=list)
     calibration: CalibrationReport | None = None
     function_preserved: bool = True
+    deployable: ValidationReport | None = None  # torch path: the converted module vs its own ONNX export
 
     @property
     def passed(self) -> bool | None:
-        """``None`` when validation did not run, else whether it passed."""
-        return None if self.validation is None else self.validation.passed
+        """``None`` when validation did not run, else whether it (and the export check, if any) passed."""
+        if self.validation is None:
+            return None
+        return self.validation.passed and (self.deployable is None or self.deployable.passed)
 
     def count(self, action: str) -> int:
         return sum(1 for layer in self.layers if layer.action == action)
@@ -145,6 +148,7 @@ class ConversionReport(_Json):
             "function_preserved": self.function_preserved,
             "calibration": None if self.calibration is None else asdict(self.calibration),
             "validation": None if self.validation is None else self.validation.to_dict(),
+            "deployable": None if self.deployable is None else self.deployable.to_dict(),
             "notes": list(self.notes),
             "passed": self.passed,
         }

@@ -1,0 +1,116 @@
+"""``normswap.convert`` / ``normswap.inspect`` for torch modules."""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import OutputError, UsageError, ValidationFailedError
+from ..report import ConversionReport
+from ..targets import REPLACEMENT_TARGETS, ReplaceOptions, get_target
+from .calibrate import calibrate, distill
+from .convert import convert_module
+from .data import Batches, as_args, positional_arity
+from .sites import coupling_report
+
+
+@dataclass
+class TorchConversionResult:
+    """A converted module (a new object: the input module is never touched) and its report."""
+
+    model: nn.Module
+    report: ConversionReport
+    example: tuple[torch.Tensor, ...] | None = None
+
+    def _check(self, keep_invalid: bool) -> None:
+        if self.report.passed is False and not keep_invalid:
+            raise ValidationFailedError("the converted module failed validation, so it was not written; inspect "
+                                        "the report, or pass keep_invalid=True (--keep-invalid)")
+
+    def save(self, path: str | os.PathLike, *, keep_invalid: bool = False) -> Path:
+        """Write the converted weights (state_dict) as safetensors, atomically."""
+        from safetensors.torch import save_model
+        self._check(keep_invalid)
+        path = Path(path)
+        if not path.parent.exists():
+            raise OutputError(f"output folder '{path.parent}' does not exist; create it first")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_model(self.model, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        self.report.output = str(path)
+        return path
+
+    def export_onnx(self, path: str | os.PathLike, example: tuple[torch.Tensor, ...] | None = None, *,
+                    keep_invalid: bool = False) -> Path:
+        """Export the converted module to ONNX (atomically) with ``example`` inputs (default: those it saw)."""
+        from ..onnx.io import load_model, save_model
+        from .validate import export
+        self._check(keep_invalid)
+        args = as_args(example) if example is not None else self.example
+        if args is None:
+            raise UsageError("exporting needs example inputs; pass example=")
+        with tempfile.TemporaryDirectory() as tmp:
+            export(self.model, args, Path(tmp) / "m.onnx")
+            save_model(load_model(Path(tmp) / "m.onnx").model, path)
+        return Path(path)
+
+
+def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibration, example_inputs,
+                  refit_output_layer: bool, choose_groups: bool, calibration_batch_size: int, distill_steps: int,
+                  keep_unfoldable: bool, validate: bool, provider: str, inputs, atol: float, rtol: float,
+                  min_cosine: float | None, min_agreement: float | None,
+                  progress: Callable[[int, int, str], None] | None) -> TorchConversionResult:
+    target = get_target(to)
+    arity = positional_arity(module)
+    data = Batches(calibration, arity, calibration_batch_size) if calibration is not None else None
+    example = as_args(example_inputs) if example_inputs is not None else (data.first() if data else None)
+    if distill_steps and (to not in REPLACEMENT_TARGETS or data is None):
+        raise UsageError("distill_steps needs a replacement target (group / layer / instance) and calibration data")
+    converted, converter, flow, _ = convert_module(module, to, options, keep_unfoldable, example)
+    notes = [flow.problem] if flow.problem else []
+    report = ConversionReport(to, target.exact, type(module).__name__, converter.records,
+                              sum(1 for _ in module.modules()), sum(1 for _ in converted.modules()), notes=notes)
+    if to in REPLACEMENT_TARGETS and converter.new_layers:
+        if data is not None:
+            report.calibration = calibrate(module, converted, converter.new_layers, data,
+                                           head=flow.head if refit_output_layer else None,
+                                           choose_groups=choose_groups, progress=progress)
+            notes.extend(report.calibration.notes)
+            if distill_steps:
+                notes.append(distill(module, converted, converter.new_layers, data, distill_steps, progress))
+                report.calibration.layers_changed = sorted(set(report.calibration.layers_changed))
+        else:
+            report.function_preserved = False
+            notes.append("function NOT preserved: without calibration data the new layers use the BN's gamma and "
+                         "beta; pass calibration data (a few hundred unlabeled samples)")
+    elif calibration is not None and to not in REPLACEMENT_TARGETS:
+        notes.append(f"calibration data ignored: --to {to} is exact and has nothing to fit")
+    if validate:
+        from .validate import validate_modules
+        held = as_args(inputs) if inputs is not None else example
+        if held is None:
+            raise UsageError("validation needs example inputs (example_inputs=, inputs= or calibration=); "
+                             "or pass validate=False")
+        report.validation, report.deployable = validate_modules(
+            module, converted, held, exact=target.exact, provider=provider, atol=atol, rtol=rtol,
+            min_cosine=min_cosine, min_agreement=min_agreement,
+            source="given inputs" if inputs is not None else "example inputs")
+        if not target.exact and inputs is None:
+            notes.append("fidelity was measured on the example / calibration inputs; pass held-out inputs "
+                         "(inputs=) for an unbiased measure")
+    return TorchConversionResult(converted, report, example)
+
+
+def inspect_torch(module: nn.Module) -> list[dict]:
+    return coupling_report(module)

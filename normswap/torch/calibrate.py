@@ -1,0 +1,201 @@
+"""Calibration and distillation of a converted torch module: it keeps what the original learned.
+
+Same method as the ONNX path (``normswap.onnx.calibrate``): for each new layer, the closed-form per-channel
+least squares ``y ~ a * z + b`` between its normalized input ``z`` (computed in float64 from the input the
+converted network actually gives it) and the original BN's output ``y`` (the BN's inference formula applied, in
+float64, to the input the ORIGINAL network gives it); levels in dataflow order, one pass over the data each,
+every upstream layer already fitted; the group count chosen by fit; then the output Linear refitted in closed
+form. ``distill_steps`` then trains only the new layers' scale and shift with Adam to match the original outputs
+(mean squared error) on the same unlabeled data.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._math import AffineFit, pick_groups_by_fit, ridge_solve
+from ..report import CalibrationReport
+from .convert import NewLayer
+from .data import Batches
+from .sites import TorchSite
+
+Progress = Callable[[int, int, str], None]
+DISTILL_LR = 1e-2
+HEAD_RIDGE = 1e-3
+
+
+def bn_reference(site: TorchSite, x: torch.Tensor) -> torch.Tensor:
+    """What the original BN outputs for ``x`` in eval mode, in float64 (before any extra drop / act)."""
+    m, x64 = site.module, x.detach().double()
+    w = m.weight.detach().double() if getattr(m, "weight", None) is not None else None
+    b = m.bias.detach().double() if getattr(m, "bias", None) is not None else None
+    if not site.stats:
+        return F.batch_norm(x64, None, None, w, b, True, 0.0, site.eps)
+    return F.batch_norm(x64, m.running_mean.double(), m.running_var.double(), w, b, False, 0.0, site.eps)
+
+
+def normalized(layer: NewLayer, groups: int | None, x: torch.Tensor) -> torch.Tensor:
+    x64 = x.detach().double()
+    if groups is None:
+        return F.layer_norm(x64.movedim(1, -1), (x64.shape[1],), eps=layer.site.eps).movedim(-1, 1)
+    return F.group_norm(x64, groups, eps=layer.site.eps)
+
+
+@contextlib.contextmanager
+def _capturing(pairs: list[tuple[nn.Module, str]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the first input of each module under its key while the block runs."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, k=k: seen.__setitem__(k, args[0])) for m, k in pairs]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _eval(*modules: nn.Module) -> Iterator[None]:
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+def _output(result) -> torch.Tensor:
+    return result if isinstance(result, torch.Tensor) else result[0]
+
+
+def calibrate(original: nn.Module, converted: nn.Module, layers: list[NewLayer], data: Batches, *,
+              head: str | None, choose_groups: bool = True, progress: Progress | None = None) -> CalibrationReport:
+    start = time.perf_counter()
+    batches = data.count()
+    levels = sorted({layer.level for layer in layers})
+    total = (len(levels) + (head is not None)) * batches
+    report = CalibrationReport(data.samples(), data.batch_size, 0, 0.0, "all" if head else "norms")
+    if data.note:
+        report.notes.append(data.note)
+    done = 0
+    with _eval(original, converted), torch.no_grad():
+        for level in levels:
+            group = [layer for layer in layers if layer.level == level]
+            fits = {id(g): {c: AffineFit(g.site.channels) for c in ((g.candidates if choose_groups and
+                                                                     len(g.candidates) > 1 else (g.groups,)))}
+                    for g in group}
+            for batch in data:
+                with _capturing([(g.site.module, str(id(g))) for g in group]) as orig_in:
+                    original(*batch)
+                with _capturing([(g.module, str(id(g))) for g in group]) as cand_in:
+                    converted(*batch)
+                for g in group:
+                    y = bn_reference(g.site, orig_in[str(id(g))]).cpu().numpy()
+                    for c, fit in fits[id(g)].items():
+                        fit.add(normalized(g, c, cand_in[str(id(g))]).cpu().numpy(), y)
+                done += 1
+                if progress:
+                    progress(done, total, f"calibrating level {level}/{len(levels)}")
+            for g in group:
+                solved = {c: fit.solve() for c, fit in fits[id(g)].items()}
+                if len(solved) > 1:
+                    sse = {c: float(r[2].sum()) for c, r in solved.items()}
+                    chosen = pick_groups_by_fit(sse)
+                    if chosen != g.groups:
+                        g.module.num_groups = g.groups = g.record.groups = chosen
+                        tried = ", ".join(f"G={c}: {e:.3g}" for c, e in sorted(sse.items()))
+                        g.record.reason += f"; calibration chose {chosen} group(s) by fit (squared error {tried})"
+                a, b, _ = solved[g.groups]
+                g.module.weight.copy_(torch.as_tensor(a, dtype=g.module.weight.dtype))
+                g.module.bias.copy_(torch.as_tensor(b, dtype=g.module.bias.dtype))
+                g.record.calibrated = True
+                report.layers_changed.append(g.record.name)
+            report.passes += 1
+        if head is not None:
+            note = _refit_head(original, converted, head, data, lambda: progress and progress(done + 1, total,
+                                                                                             "refitting the output layer"))
+            report.passes += 1
+            report.notes.append(note)
+            if note.startswith("refitted"):
+                report.head = head
+                report.layers_changed.append(head)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _refit_head(original: nn.Module, converted: nn.Module, head: str, data: Batches, tick) -> str:
+    """Ridge least squares of the output Linear on the converted features against the original outputs."""
+    linear = converted.get_submodule(head)
+    gram = cross = None
+    sum_oo, count = 0.0, 0
+    for batch in data:
+        with _capturing([(linear, "h")]) as seen:
+            converted(*batch)
+        h = seen["h"].detach().double().cpu().numpy()
+        o = _output(original(*batch)).detach().double().cpu().numpy()
+        if h.ndim != 2 or o.ndim != 2:
+            return f"output layer {head} not refitted: its input or output is not 2-D"
+        h1 = np.hstack([h, np.ones((len(h), 1))])
+        gram = h1.T @ h1 if gram is None else gram + h1.T @ h1
+        cross = h1.T @ o if cross is None else cross + h1.T @ o
+        sum_oo += float((o * o).sum())
+        count += o.size
+        tick()
+    w = linear.weight.detach().double().cpu().numpy().T
+    b = linear.bias.detach().double().cpu().numpy() if linear.bias is not None else np.zeros(w.shape[1])
+    current = np.vstack([w, b[None]])
+    new = ridge_solve(gram, cross, HEAD_RIDGE)
+
+    def mse(m: np.ndarray) -> float:
+        return (sum_oo - 2 * float(np.sum(m * cross)) + float(np.sum(m * (gram @ m)))) / count
+    before, after = mse(current), mse(new)
+    if not after < before:
+        return f"output layer {head} kept: a refit would not lower the error ({after:.3g} vs {before:.3g})"
+    linear.weight.copy_(torch.as_tensor(new[:-1].T, dtype=linear.weight.dtype))
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.as_tensor(new[-1], dtype=linear.weight.dtype))
+    else:
+        linear.bias.copy_(torch.as_tensor(new[-1], dtype=linear.bias.dtype))
+    return f"refitted output layer {head}: mean squared error to the original outputs {before:.3g} -> {after:.3g}"
+
+
+def distill(original: nn.Module, converted: nn.Module, layers: list[NewLayer], data: Batches, steps: int,
+            progress: Progress | None = None) -> str:
+    """Train only the new layers' scale and shift for ``steps`` Adam steps to match the original outputs."""
+    params = [p for layer in layers for p in (layer.module.weight, layer.module.bias)]
+    frozen = {p: p.requires_grad for p in converted.parameters()}
+    for p in converted.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=DISTILL_LR)
+    losses: list[float] = []
+    try:
+        with _eval(original, converted):
+            step = 0
+            while step < steps:
+                for batch in data:
+                    with torch.no_grad():
+                        target = _output(original(*batch))
+                    loss = F.mse_loss(_output(converted(*batch)), target)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(float(loss))
+                    step += 1
+                    if progress:
+                        progress(step, steps, "distilling")
+                    if step >= steps:
+                        break
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+    return (f"distilled the new layers' scale and shift for {steps} steps: output mean squared error "
+            f"{losses[0]:.3g} -> {losses[-1]:.3g}")
