@@ -126,8 +126,8 @@ def _print_conversion(r: ConversionReport) -> None:
                  "yes" if layer.calibrated else "no", _fmt(layer.drift_cosine, ".4f"), layer.reason]
                 for layer in r.layers], ["layer", "action", "C", "G", "calibrated", "cosine", "reason"])
     summary = ", ".join(f"{r.count(a)} {a}" for a in ("folded", "converted", "affine", "kept") if r.count(a))
-    click.echo(f"{len(r.layers)} BatchNormalization site(s): {summary or 'none'}; "
-               f"nodes {r.nodes_before} -> {r.nodes_after}")
+    unit = "nodes" if r.frontend == "onnx" else "modules"
+    click.echo(f"{len(r.layers)} BatchNorm site(s): {summary or 'none'}; {unit} {r.nodes_before} -> {r.nodes_after}")
     if r.calibration is not None:
         c = r.calibration
         click.echo(f"calibration: {c.samples} samples, {c.passes} passes, {c.seconds:.2f} s; "
@@ -167,15 +167,51 @@ def _default_output(model: Path, target: str) -> Path:
     return model.with_name(f"{model.stem}.{target}.onnx")
 
 
+def _torch_options(f):
+    options = [
+        click.option("--torch-model", "torch_model", default=None, metavar="PACKAGE.MODULE:FACTORY",
+                     help="Build a torch module by calling this factory (instead of MODEL)."),
+        click.option("--weights", type=click.Path(dir_okay=False), default=None,
+                     help="With --torch-model: weights as .safetensors, or a state_dict (read weights_only)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _torch_module(spec: str, weights: str | None):
+    from .torch.load import load_factory, load_weights
+    module = load_factory(spec)
+    if weights:
+        load_weights(module, weights)
+    return module
+
+
+def _model_source(model: str | None, torch_model: str | None) -> None:
+    if (model is None) == (torch_model is None):
+        raise UsageError("pass either an ONNX MODEL or --torch-model PACKAGE.MODULE:FACTORY")
+
+
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path(dir_okay=False), required=False)
+@_torch_options
 @click.option("--json", "as_json", is_flag=True, help="Print the sites as JSON.")
-def inspect(model: str, as_json: bool) -> None:
-    """List every normalization site: op, channels, producer, and whether it folds (and why not)."""
+def inspect(model: str | None, torch_model: str | None, weights: str | None, as_json: bool) -> None:
+    """List every normalization site: op, channels, producer, and whether it folds (and why not). With
+    --torch-model: every layer that couples the samples of a batch in training."""
     from .api import inspect as inspect_model
-    report: InspectReport = inspect_model(model)
+    _model_source(model, torch_model)
+    report: InspectReport = inspect_model(_torch_module(torch_model, weights) if torch_model else model)
     if as_json:
         click.echo(report.to_json())
+        return
+    if torch_model:
+        _table([[s["name"], s["type"], _fmt(s["channels"], "d"), "yes" if s["couples_samples"] else "no",
+                 "yes" if s["affine"] else "no", "yes" if s["running_stats"] else "no",
+                 "yes" if s["frozen"] else "no", s["reason"]] for s in report.sites],
+               ["layer", "type", "C", "couples samples", "affine", "running stats", "frozen", "why"])
+        coupled = sum(s["couples_samples"] for s in report.sites)
+        click.echo(f"{len(report.sites)} normalization layer(s), {coupled} couple the samples of a batch in training")
         return
     click.echo(f"{report.source}: opset {report.opset}, IR version {report.ir_version}")
     _table([[s["name"], s["op"], _fmt(s["channels"], "d"), f"{s['producer_op'] or '-'} {s['producer'] or ''}".strip(),
@@ -185,7 +221,12 @@ def inspect(model: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path(dir_okay=False), required=False)
+@_torch_options
+@click.option("--export-onnx", type=click.Path(dir_okay=False), default=None,
+              help="With --torch-model: also export the converted module to this ONNX file.")
+@click.option("--distill-steps", type=int, default=0, show_default=True,
+              help="With --torch-model and --calibrate: train the new layers' scale and shift this many steps.")
 @click.option("--to", "target", type=click.Choice(TARGET_NAMES), required=True, help="What to turn BN into.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Output model (default: <stem>.<target>.onnx beside the input).")
@@ -214,15 +255,25 @@ def inspect(model: str, as_json: bool) -> None:
               help="Compare the converted model with the original in ONNX Runtime.")
 @click.option("--keep-invalid", is_flag=True, help="Write the output even when validation fails (exit 1).")
 @_validation_options
-def convert(model: str, target: str, output: str | None, in_place: bool, keep_unfoldable: bool, groups: int,
+def convert(model: str | None, torch_model: str | None, weights: str | None, export_onnx: str | None,
+            distill_steps: int, target: str, output: str | None, in_place: bool, keep_unfoldable: bool, groups: int,
             group_size: int | None, layer_over: str, calibration: str | None, calibrate_norms_only: bool,
             fixed_groups: bool, calibration_batch_size: int, opset: int | None, min_cosine: float | None,
             min_agreement: float | None, quiet: bool, validate: bool, keep_invalid: bool, provider: str,
             inputs: str | None, input_shapes: tuple[str, ...], atol: float, rtol: float, seed: int,
             report_path: str | None) -> None:
-    """Convert the BatchNorm layers of MODEL (.onnx) and validate the result."""
+    """Convert the BatchNorm layers of MODEL (.onnx), or of a torch module (--torch-model), and validate the
+    result."""
     from .api import convert as convert_model
     from .onnx.io import same_file
+    _model_source(model, torch_model)
+    if torch_model:
+        return _convert_torch(torch_model, weights, export_onnx, distill_steps, target, output, keep_unfoldable,
+                              groups, group_size, layer_over, calibration, calibrate_norms_only, fixed_groups,
+                              calibration_batch_size, min_cosine, min_agreement, quiet, validate, keep_invalid,
+                              provider, inputs, input_shapes, atol, rtol, seed, report_path)
+    if export_onnx or distill_steps or weights:
+        raise UsageError("--export-onnx, --distill-steps and --weights apply to --torch-model")
     source = Path(model)
     out = Path(output) if output else (source if in_place else _default_output(source, target))
     if source.exists() and out.exists() and same_file(source, out) and not in_place:
@@ -246,6 +297,73 @@ def convert(model: str, target: str, output: str | None, in_place: bool, keep_un
         if not quiet:
             click.echo(f"wrote {', '.join(str(p) for p in written)}")
     elif not quiet:
+        click.echo("validation failed: nothing written (pass --keep-invalid to write it anyway)", err=True)
+    _write_report(report, report_path)
+    if failed:
+        sys.exit(EXIT_VALIDATION_FAILED)
+
+
+def _torch_args(module, shapes: dict[str, tuple[int, ...]], npz: str | None, seed: int):
+    """Forward arguments for a torch module: arrays from an .npz keyed by forward's argument names, or seeded
+    random tensors of the --input-shape shapes."""
+    import numpy as np
+    import torch
+    from .torch.data import forward_names
+    names = forward_names(module)
+    if npz is not None:
+        from .validate.inputs import load_npz_arrays
+        arrays = load_npz_arrays(npz)
+        missing = [n for n in names[:1] if n not in arrays]
+        if missing:
+            raise UsageError(f"{npz} has no array '{missing[0]}'; its keys must be forward's argument names {names}")
+        return tuple(torch.from_numpy(np.ascontiguousarray(arrays[n])) for n in names if n in arrays)
+    if not shapes:
+        return None
+    unknown = set(shapes) - set(names)
+    if unknown:
+        raise UsageError(f"--input-shape names {sorted(unknown)}, not among forward's arguments {names}")
+    rng = np.random.default_rng(seed)
+    return tuple(torch.from_numpy(rng.standard_normal(shapes[n]).astype(np.float32)) for n in names if n in shapes)
+
+
+def _convert_torch(spec, weights, export_onnx, distill_steps, target, output, keep_unfoldable, groups, group_size,
+                   layer_over, calibration, calibrate_norms_only, fixed_groups, calibration_batch_size, min_cosine,
+                   min_agreement, quiet, validate, keep_invalid, provider, inputs, input_shapes, atol, rtol, seed,
+                   report_path) -> None:
+    from .api import convert as convert_model
+    module = _torch_module(spec, weights)
+    shapes = _shapes(input_shapes)
+    example = _torch_args(module, shapes, None, seed)
+    calib = _torch_args(module, {}, calibration, seed) if calibration else None
+    held = _torch_args(module, {}, inputs, seed) if inputs else None
+    if example is None and calib is None and held is None:
+        raise UsageError("a torch module needs example inputs: pass --input-shape NAME:D0,D1,..., --calibrate or "
+                         "--inputs")
+    quiet = quiet or report_path == "-"
+    with _progress(quiet) as progress:
+        result = convert_model(module, target, groups=groups, group_size=group_size, layer_over=layer_over,
+                               calibration=calib, refit_output_layer=not calibrate_norms_only,
+                               choose_groups=not fixed_groups, calibration_batch_size=calibration_batch_size,
+                               distill_steps=distill_steps, example_inputs=example if example is not None else held,
+                               keep_unfoldable=keep_unfoldable, validate=validate, provider=provider, inputs=held,
+                               atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement,
+                               progress=progress)
+    report = result.report
+    if report_path != "-":
+        _print_conversion(report)
+        if report.deployable is not None:
+            click.echo("export check: the converted module against its own ONNX export")
+            _print_validation(report.deployable)
+    failed = report.passed is False
+    if not failed or keep_invalid:
+        stem = Path(weights).stem if weights else spec.rpartition(":")[2]
+        out = Path(output) if output else Path(weights or ".").parent / f"{stem}.{target}.safetensors"
+        written = [result.save(out, keep_invalid=keep_invalid)]
+        if export_onnx:
+            written.append(result.export_onnx(export_onnx, keep_invalid=keep_invalid))
+        if report_path != "-":
+            click.echo(f"wrote {', '.join(str(p) for p in written)}")
+    elif report_path != "-":
         click.echo("validation failed: nothing written (pass --keep-invalid to write it anyway)", err=True)
     _write_report(report, report_path)
     if failed:

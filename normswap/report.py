@@ -124,6 +124,7 @@ class ConversionReport(_Json):
     calibration: CalibrationReport | None = None
     function_preserved: bool = True
     deployable: ValidationReport | None = None  # torch path: the converted module vs its own ONNX export
+    frontend: str = "onnx"  # "onnx" (nodes_before/after count graph nodes) or "torch" (they count modules)
 
     @property
     def passed(self) -> bool | None:
@@ -138,6 +139,7 @@ class ConversionReport(_Json):
     def to_dict(self) -> dict:
         return {
             "target": self.target,
+            "frontend": self.frontend,
             "exact": self.exact,
             "source": self.source,
             "output": self.output,

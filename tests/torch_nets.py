@@ -11,8 +11,9 @@ def randomize_bn(module: nn.Module, seed: int = 0) -> nn.Module:
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             with torch.no_grad():
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                    m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 if m.affine:
                     m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                     m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
@@ -136,3 +137,42 @@ def export(module: nn.Module, path, shape=(2, 1, 8, 8)) -> None:
                       input_names=["x"], dynamic_shapes={"x": {0: batch}})
     m = onnx.load(str(path))  # re-save with the weights inline (the exporter may write a .data file)
     onnx.save_model(m, str(path))
+
+
+class AudioNet(nn.Module):
+    """Conv1d over time, BN1d on (N, C, L)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv1d(1, 16, 5, padding=2), nn.BatchNorm1d(16), nn.ReLU(),
+                                  nn.Conv1d(16, 16, 3, padding=1, groups=4, bias=False), nn.BatchNorm1d(16), nn.ReLU())
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean(2))
+
+
+class VolumeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1, bias=False), nn.BatchNorm3d(8), nn.ReLU(),
+                                  nn.ConvTranspose3d(8, 8, 2, stride=2, groups=2), nn.BatchNorm3d(8))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(20, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 32),
+                                  nn.BatchNorm1d(32), nn.ReLU())
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+INPUTS = {"resnet": (1, 8, 8), "mobilenet": (1, 8, 8), "densenet": (1, 8, 8), "unet": (1, 8, 8),
+          "audio": (1, 32), "volume": (1, 4, 4, 4), "mlp": (20,)}
+ALL_ARCHITECTURES = dict(ARCHITECTURES, audio=AudioNet, volume=VolumeNet, mlp=MLP)

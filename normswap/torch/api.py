@@ -80,7 +80,8 @@ def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibr
     converted, converter, flow, _ = convert_module(module, to, options, keep_unfoldable, example)
     notes = [flow.problem] if flow.problem else []
     report = ConversionReport(to, target.exact, type(module).__name__, converter.records,
-                              sum(1 for _ in module.modules()), sum(1 for _ in converted.modules()), notes=notes)
+                              sum(1 for _ in module.modules()), sum(1 for _ in converted.modules()), notes=notes,
+                              frontend="torch")
     if to in REPLACEMENT_TARGETS and converter.new_layers:
         if data is not None:
             report.calibration = calibrate(module, converted, converter.new_layers, data,
@@ -102,6 +103,8 @@ def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibr
         if held is None:
             raise UsageError("validation needs example inputs (example_inputs=, inputs= or calibration=); "
                              "or pass validate=False")
+        from .calibrate import layer_drift
+        layer_drift(module, converted, converter.new_layers, held)
         report.validation, report.deployable = validate_modules(
             module, converted, held, exact=target.exact, provider=provider, atol=atol, rtol=rtol,
             min_cosine=min_cosine, min_agreement=min_agreement,

@@ -26,7 +26,7 @@ from .data import Batches
 from .sites import TorchSite
 
 Progress = Callable[[int, int, str], None]
-DISTILL_LR = 1e-2
+DISTILL_LR = 1e-3
 HEAD_RIDGE = 1e-3
 
 
@@ -166,19 +166,30 @@ def _refit_head(original: nn.Module, converted: nn.Module, head: str, data: Batc
     return f"refitted output layer {head}: mean squared error to the original outputs {before:.3g} -> {after:.3g}"
 
 
+def _mean_loss(original: nn.Module, converted: nn.Module, data: Batches) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in data:
+            total += float(F.mse_loss(_output(converted(*batch)), _output(original(*batch)), reduction="sum"))
+            count += _output(original(*batch)).numel()
+    return total / max(count, 1)
+
+
 def distill(original: nn.Module, converted: nn.Module, layers: list[NewLayer], data: Batches, steps: int,
             progress: Progress | None = None) -> str:
-    """Train only the new layers' scale and shift for ``steps`` Adam steps to match the original outputs."""
+    """Train only the new layers' scale and shift for ``steps`` Adam steps to match the original outputs (mean
+    squared error on the unlabeled data); kept only if it lowers that error over the whole data."""
     params = [p for layer in layers for p in (layer.module.weight, layer.module.bias)]
+    saved = [p.detach().clone() for p in params]
     frozen = {p: p.requires_grad for p in converted.parameters()}
     for p in converted.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=DISTILL_LR)
-    losses: list[float] = []
     try:
         with _eval(original, converted):
+            before = _mean_loss(original, converted, data)
             step = 0
             while step < steps:
                 for batch in data:
@@ -188,14 +199,43 @@ def distill(original: nn.Module, converted: nn.Module, layers: list[NewLayer], d
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
-                    losses.append(float(loss))
                     step += 1
                     if progress:
                         progress(step, steps, "distilling")
                     if step >= steps:
                         break
+            after = _mean_loss(original, converted, data)
+            if not after < before:
+                with torch.no_grad():
+                    for p, value in zip(params, saved):
+                        p.copy_(value)
+                return (f"distillation for {steps} steps did not lower the output error ({after:.3g} vs "
+                        f"{before:.3g}); the calibrated parameters were kept")
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
     return (f"distilled the new layers' scale and shift for {steps} steps: output mean squared error "
-            f"{losses[0]:.3g} -> {losses[-1]:.3g}")
+            f"{before:.3g} -> {after:.3g}")
+
+
+def layer_drift(original: nn.Module, converted: nn.Module, layers: list[NewLayer],
+                args: tuple[torch.Tensor, ...]) -> None:
+    """Each new layer's output against the original BN's output on ``args``: cosine into its record."""
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [layer.module.register_forward_hook(
+        lambda m, a, out, k=str(id(layer)): outputs.__setitem__(k, out)) for layer in layers]
+    try:
+        with _eval(original, converted), torch.no_grad():
+            with _capturing([(layer.site.module, str(id(layer))) for layer in layers]) as inputs:
+                original(*args)
+            converted(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    for layer in layers:
+        key = str(id(layer))
+        if key in outputs and key in inputs:
+            a = bn_reference(layer.site, inputs[key]).flatten()
+            b = outputs[key].detach().double().flatten()
+            denom = float(a.norm() * b.norm())
+            layer.record.drift_cosine = float(a @ b) / denom if denom > 0 else (1.0 if a.norm() == b.norm() else 0.0)

@@ -112,7 +112,7 @@ class TorchConverter:
             return self._affine(root, site, flow, f"cannot become {kind} norm: its input shape is unknown "
                                 "(it never ran on the example inputs)")
         rank, spatial = len(shape), math.prod(shape[2:])
-        gamma, beta, _, _ = site.parameters64()
+        gamma, beta = site.affine64()
         candidates: tuple[int, ...] = ()
         if kind == "layer" and opts.layer_over == "channels":
             if site.channels < opts.min_group_elements:

@@ -36,13 +36,17 @@ class TorchSite:
     extras: tuple[str, ...]  # submodules applied after normalizing (drop, act), kept by every rewrite
     problem: str | None = None  # why it cannot be rewritten at all
 
-    def parameters64(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(gamma, beta, mean, var) in float64; gamma = 1, beta = 0 when ``affine=False``."""
-        m = self.module
-        c = self.channels
+    def affine64(self) -> tuple[np.ndarray, np.ndarray]:
+        """(gamma, beta) in float64; 1 and 0 when ``affine=False``."""
+        m, c = self.module, self.channels
         gamma = _np(m.weight) if getattr(m, "weight", None) is not None else np.ones(c)
         beta = _np(m.bias) if getattr(m, "bias", None) is not None else np.zeros(c)
-        return gamma, beta, _np(m.running_mean), _np(m.running_var)
+        return gamma, beta
+
+    def parameters64(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(gamma, beta, mean, var) in float64, for a BN with running statistics."""
+        assert self.stats, self.name
+        return self.affine64() + (_np(self.module.running_mean), _np(self.module.running_var))
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -84,17 +84,21 @@ def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] 
     return feeds
 
 
-def load_npz_inputs(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Arrays keyed by input name from an .npz file, read without unpickling anything."""
+def load_npz_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of an .npz file, read without unpickling anything."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+            return {k: data[k] for k in data.files}
     except FileNotFoundError:
-        raise UsageError(f"inputs file '{path}' does not exist") from None
+        raise UsageError(f"data file '{path}' does not exist") from None
     except (ValueError, OSError, zipfile.BadZipFile) as e:
-        raise InvalidModelError(f"inputs file '{path}' is not a plain .npz of numeric arrays ({e}); "
+        raise InvalidModelError(f"data file '{path}' is not a plain .npz of numeric arrays ({e}); "
                                 "save it with numpy.savez") from None
-    return check_feeds(arrays, model, str(path))
+
+
+def load_npz_inputs(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Arrays keyed by input name from an .npz file, read without unpickling anything."""
+    return check_feeds(load_npz_arrays(path), model, str(path))
 
 
 def check_feeds(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, source: str) -> dict[str, np.ndarray]:

@@ -1,0 +1,106 @@
+"""PyTorch path: every target on every architecture, exactness, guards, and what is preserved."""
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import normswap  # noqa: E402
+from tests.torch_nets import ALL_ARCHITECTURES, INPUTS, randomize_bn  # noqa: E402
+
+EXACT = ("fold", "affine", "weight")
+REPLACE = ("group", "layer", "instance")
+
+
+def _net(name, seed=0):
+    torch.manual_seed(seed)
+    return randomize_bn(ALL_ARCHITECTURES[name](), seed)
+
+
+def _x(name, n=16, seed=1):
+    return torch.randn((n,) + INPUTS[name], generator=torch.Generator().manual_seed(seed))
+
+
+def _no_bn_left(module):
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+@pytest.mark.parametrize("name", list(ALL_ARCHITECTURES))
+@pytest.mark.parametrize("target", EXACT)
+def test_exact_targets_compute_the_same_function(name, target):
+    net, x = _net(name), _x(name)
+    before = copy.deepcopy(net.state_dict())
+    r = normswap.convert(net, to=target, example_inputs=x, validate=False)
+    assert _no_bn_left(r.model)
+    with torch.no_grad():
+        ref, got = net(x), r.model(x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    for k, v in net.state_dict().items():  # the input module is never touched
+        assert torch.equal(v, before[k])
+    assert not {p.data_ptr() for p in net.parameters()} & {p.data_ptr() for p in r.model.parameters()}
+
+
+@pytest.mark.parametrize("name", list(ALL_ARCHITECTURES))
+def test_fold_pairs_by_dataflow(name):
+    r = normswap.convert(_net(name), to="fold", example_inputs=_x(name), validate=False)
+    actions = {layer.action for layer in r.report.layers}
+    if name == "densenet":  # pre-activation BNs read a Concat (and the stem conv feeds it too)
+        assert actions == {"folded", "affine"}
+    else:
+        assert actions == {"folded"}
+
+
+@pytest.mark.parametrize("name", list(ALL_ARCHITECTURES))
+@pytest.mark.parametrize("target", REPLACE)
+def test_replacement_targets_keep_channels_eps_and_mode(name, target):
+    net, x = _net(name), _x(name)
+    net.train()
+    r = normswap.convert(net, to=target, calibration=x, validate=False)
+    assert _no_bn_left(r.model) and r.model.training
+    for layer in r.report.layers:
+        assert layer.action in ("converted", "affine")
+        if layer.action == "converted":
+            new = r.model.get_submodule(layer.name)
+            assert isinstance(new, (nn.GroupNorm,)) and new.num_channels == layer.channels
+            assert new.eps == net.get_submodule(layer.name).eps and new.training
+            assert layer.calibrated
+    if name == "mlp" and target == "instance":
+        assert all("no spatial dims" in layer.reason for layer in r.report.layers)
+
+
+def test_layer_over_channels_is_channel_layer_norm():
+    from normswap.torch.modules import ChannelLayerNorm
+    net, x = _net("resnet"), _x("resnet")
+    r = normswap.convert(net, to="layer", layer_over="channels", calibration=x, validate=False)
+    convs = [layer for layer in r.report.layers if layer.action == "converted"]
+    assert convs and all(isinstance(r.model.get_submodule(layer.name), ChannelLayerNorm) for layer in convs)
+
+
+def test_weight_target_uses_torch_weight_norm():
+    from torch.nn.utils import parametrize
+    r = normswap.convert(_net("resnet"), to="weight", example_inputs=_x("resnet"), validate=False)
+    conv = r.model.get_submodule("layer1.conv1")
+    assert parametrize.is_parametrized(conv, "weight")
+
+
+def test_group_rules_match_the_onnx_path():
+    net = nn.Sequential(nn.Linear(4, 64), nn.BatchNorm1d(64), nn.Linear(64, 8), nn.BatchNorm1d(8)).eval()
+    r = normswap.convert(net, to="group", groups=32, calibration=torch.randn(8, 4), validate=False)
+    first, second = r.report.layers
+    # (N, 64): 32 groups of 2 values would normalize to a constant (opacus#567): fewer, larger groups
+    assert first.action == "converted" and (64 // first.groups) >= 16
+    assert second.action == "affine" and "discard the signal" in second.reason
+
+
+def test_conversion_fidelity_is_validated_in_onnx_runtime():
+    net, x = _net("resnet"), _x("resnet", 64)
+    r = normswap.convert(net, to="group", calibration=x, inputs=_x("resnet", 32, seed=5))
+    v = r.report.validation
+    assert v.check == "fidelity" and v.providers and v.outputs[0].cosine > 0.99
+    assert r.report.deployable.check == "exact" and r.report.deployable.passed
+    assert all(layer.drift_cosine is not None for layer in r.report.layers)
+    exact = normswap.convert(net, to="fold", example_inputs=x)
+    assert exact.report.passed and exact.report.validation.check == "exact"
+    assert exact.report.to_dict()["frontend"] == "torch"
