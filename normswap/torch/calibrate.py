@@ -26,7 +26,7 @@ from .data import Batches
 from .sites import TorchSite
 
 Progress = Callable[[int, int, str], None]
-DISTILL_LR = 1e-3
+DISTILL_LR = 1e-2
 HEAD_RIDGE = 1e-3
 
 

@@ -10,6 +10,20 @@ from torch import nn
 from ..errors import UsageError
 
 
+def standard_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with row-major strides. A tensor whose channel dim has size 1 can carry channels-last strides and
+    still count as contiguous (e.g. ``torch.from_numpy(images[:, None])``); convolutions then produce
+    channels-last outputs, and torch 2.13's CPU GroupNorm backward crashes (segfault) on channels-last inputs that
+    do not require grad -- exactly what distillation, which trains only the norm parameters, runs."""
+    expected, acc = [], 1
+    for size in reversed(t.shape):
+        expected.append(acc)
+        acc *= max(size, 1)
+    if tuple(reversed(expected)) == t.stride():
+        return t
+    return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
+
+
 def positional_arity(module: nn.Module) -> int:
     """How many positional tensors forward takes (extra items of a batch, such as labels, are dropped)."""
     try:
@@ -56,13 +70,13 @@ class Batches:
         if self.tensors is not None:
             n = len(self.tensors[0])
             for k in range(0, n, self.batch_size):
-                yield tuple(t[k:k + self.batch_size] for t in self.tensors)
+                yield tuple(standard_layout(t[k:k + self.batch_size]) for t in self.tensors)
             return
         for batch in self.source:
             if isinstance(batch, torch.Tensor):
-                yield (batch,)
+                yield (standard_layout(batch),)
             elif isinstance(batch, (tuple, list)):
-                yield tuple(batch[:self.arity])
+                yield tuple(standard_layout(t) for t in batch[:self.arity])
             elif isinstance(batch, dict):
                 raise UsageError("dict batches are not supported; yield tensors or tuples of tensors")
             else:

@@ -214,3 +214,20 @@ def test_inspect_lists_every_coupling_layer():
     assert [r["couples_samples"] for r in rows] == [True, True, False, True]
     assert rows[0]["affine"] is False and rows[1]["frozen"] is True and not rows[3]["running_stats"]
     assert "train AND eval" in rows[3]["reason"]
+
+
+def test_ambiguous_channel_strides_are_normalized_before_distillation():
+    # torch.from_numpy(images[:, None]) has strides (64, 1, 8, 1): "contiguous" and "channels-last" at once;
+    # torch 2.13's CPU GroupNorm backward segfaults on channels-last inputs that need no grad
+    import numpy as np
+    from normswap.torch.data import standard_layout
+    images = np.random.default_rng(0).standard_normal((32, 8, 8)).astype(np.float32)
+    x = torch.from_numpy(images[:, None])
+    assert x.stride()[1] != 64 and x.is_contiguous()
+    assert standard_layout(x).stride() == (64, 64, 8, 1) and torch.equal(standard_layout(x), x)
+    y = torch.randn(4, 3, 2, 2)
+    assert standard_layout(y) is y
+    net = randomize_bn(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                     nn.Conv2d(8, 4, 3, padding=1), nn.BatchNorm2d(4)))
+    r = normswap.convert(net, to="layer", calibration=x, distill_steps=3, validate=False)
+    assert any("distill" in n for n in r.report.notes)
