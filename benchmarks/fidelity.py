@@ -64,6 +64,14 @@ def forward_seconds(path: Path, x: np.ndarray, repeats: int = 5) -> float:
     return min(times)
 
 
+DISTILL_STEPS = 300
+TORCH_CONFIGS = [  # (label, kwargs, calibrated, opacus-style reset)
+    ("fresh GroupNorm, gamma=1 beta=0 (what Opacus does)", {"choose_groups": False}, False, True),
+    ("group G=32, gamma/beta copied", {"choose_groups": False}, False, False),
+    ("group G=32, calibrated", {}, True, False),
+    (f"group G=32, calibrated + distilled {DISTILL_STEPS} steps", {"distill_steps": DISTILL_STEPS}, True, False),
+]
+
 CONFIGS = [  # (label, target, kwargs, calibrated)
     ("group G=32, gamma/beta copied", "group", {"groups": 32}, False),
     ("group G=32, calibrated (G fixed per layer)", "group", {"groups": 32, "choose_groups": False}, True),
@@ -107,6 +115,26 @@ def run(out: Path) -> None:
                          c and c.passes))
                     print(f"{net_name:44s} seed {seed} {label:45s} agreement {output.top1_agreement:.4f}",
                           flush=True)
+                for label, kwargs, calibrated, reset in TORCH_CONFIGS:
+                    result = normswap.convert(net, to="group", groups=32, validate=False,
+                                              calibration=torch.from_numpy(calib["x"].copy()) if calibrated else None,
+                                              example_inputs=torch.from_numpy(calib["x"][:8].copy()), **kwargs)
+                    if reset:
+                        for layer in result.report.layers:
+                            norm = result.model.get_submodule(layer.name)
+                            with torch.no_grad():
+                                norm.weight.fill_(1.0)
+                                norm.bias.zero_()
+                    with torch.no_grad():
+                        x = torch.from_numpy(x_test)
+                        a, b = net.eval()(x), result.model.eval()(x)
+                    agree = float((a.argmax(1) == b.argmax(1)).float().mean())
+                    cos = float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+                    c = result.report.calibration
+                    groups = {layer.groups for layer in result.report.layers if layer.groups}
+                    results.setdefault((net_name, f"PyTorch: {label}"), []).append(
+                        (agree, cos, groups, c and c.seconds, None, c and c.passes))
+                    print(f"{net_name:44s} seed {seed} PyTorch {label:45s} agreement {agree:.4f}", flush=True)
     write(out, results, accuracies)
 
 
@@ -147,7 +175,11 @@ def write(out: Path, results, accuracies) -> None:
                      f"{'-' if passes is None else f'{passes:.0f}'} |")
     lines += [
         "",
-        "Targets (issue 3): calibrated GroupNorm >= 97% and calibrated LayerNorm >= 99% held-out agreement.",
+        "Targets: ONNX path (issue 3) calibrated GroupNorm >= 97% and calibrated LayerNorm >= 99%; PyTorch path "
+        "(issue 4) calibrated GroupNorm >= 97% and calibrated + distilled >= 99.5% held-out agreement. 'PyTorch:' "
+        "rows convert the trained torch module directly (calibration time without distillation; "
+        "agreement measured in eager PyTorch). Both frontends calibrate with the same math and give the same "
+        "figures.",
         "",
         "Reading the table:",
         "- Copying gamma/beta keeps 12-25% agreement: the network forgets what it learned. Calibration brings "
@@ -171,8 +203,10 @@ def write(out: Path, results, accuracies) -> None:
         "(im2col least squares against the original conv outputs); scale-invariant targets; a Gauss-Newton "
         "refinement of all scale/shift parameters against the original logits with a finite-difference Jacobian "
         "(+0.5 points for 2*sum(C) extra forward passes per step).",
-        "- Closing the gap needs gradient-based distillation of the new layers (planned for the PyTorch path, "
-        "`distill_steps`).",
+        "- Gradient-based distillation of the new layers' scale and shift (PyTorch path, `distill_steps`) adds "
+        "0-1 point; with the rest of the network frozen it cannot reach 99.5% here either (also measured: "
+        "200 / 300 / 1000 steps, learning rates 1e-3 / 1e-2, a softened-KL loss instead of MSE -- all within "
+        "+-0.5 points of each other).",
         "",
     ]
     out.write_text("\n".join(lines))
