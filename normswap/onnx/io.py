@@ -183,8 +183,86 @@ def opset_of(model: onnx.ModelProto, domain: str = "") -> int:
     return 0
 
 
+def _without(message, excluded: str):
+    """A copy of ``message`` with every set field except ``excluded`` (no large field is copied)."""
+    out = type(message)()
+    for field, value in message.ListFields():
+        if field.name == excluded:
+            continue
+        if field.is_repeated:
+            getattr(out, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(out, field.name).CopyFrom(value)
+        else:
+            setattr(out, field.name, value)
+    return out
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, length: int) -> bytes:
+    """Tag and length prefix of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+GRAPH_FIELD, INITIALIZER_FIELD, RAW_DATA_FIELD = 7, 5, 9  # ModelProto.graph, GraphProto.initializer, raw_data
+
+
+class _Plan:
+    """The serialized layout of a model, with each initializer's raw bytes left in the proto until written.
+
+    ``SerializeToString`` on a 700 MB model copies every weight into one bytes object (and is several times
+    slower after weights were replaced from Python); the plan holds only headers, and ``write`` streams each
+    initializer's raw bytes straight to the file. The bytes are identical to a protobuf serialization up to field
+    order, which protobuf parsers accept.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        graph = model.graph
+        self.model_head = _without(model, "graph").SerializeToString()
+        self.graph_head = _without(graph, "initializer").SerializeToString()
+        self.tensors: list[tuple[onnx.TensorProto, bytes, int]] = []  # (tensor, header, raw length)
+        graph_size = len(self.graph_head)
+        for tensor in graph.initializer:
+            if tensor.HasField("raw_data"):
+                raw_len = len(tensor.raw_data)
+                header = _without(tensor, "raw_data").SerializeToString()
+                size = len(header) + len(_field(RAW_DATA_FIELD, raw_len)) + raw_len
+            else:
+                header, raw_len = tensor.SerializeToString(), -1
+                size = len(header)
+            self.tensors.append((tensor, header, raw_len))
+            graph_size += len(_field(INITIALIZER_FIELD, size)) + size
+        self.graph_size = graph_size
+        self.size = len(self.model_head) + len(_field(GRAPH_FIELD, graph_size)) + graph_size
+
+    def write(self, f) -> None:
+        f.write(self.model_head)
+        f.write(_field(GRAPH_FIELD, self.graph_size))
+        f.write(self.graph_head)
+        for tensor, header, raw_len in self.tensors:
+            if raw_len < 0:
+                f.write(_field(INITIALIZER_FIELD, len(header)))
+                f.write(header)
+                continue
+            raw_field = _field(RAW_DATA_FIELD, raw_len)
+            f.write(_field(INITIALIZER_FIELD, len(header) + len(raw_field) + raw_len))
+            f.write(header)
+            f.write(raw_field)
+            f.write(tensor.raw_data)
+
+
 def needs_external_data(model: onnx.ModelProto) -> bool:
-    return model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    """Whether the model is too large for one protobuf (measured without serializing the weights)."""
+    return _Plan(model).size > EXTERNAL_DATA_THRESHOLD
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -234,47 +312,49 @@ def _external_name(dest: Path) -> str:
 
 
 def save_model(model: onnx.ModelProto, dest: str | os.PathLike, external_data: bool = False) -> list[Path]:
-    """Write ``model`` to ``dest`` atomically; with ``external_data`` (forced above 2 GB) tensors of at least
-    1 KiB go to a data file beside it. Returns the files written. ``model`` is left as it was."""
+    """Write ``model`` to ``dest`` atomically, streaming the weights; with ``external_data`` (forced above 2 GB)
+    main-graph initializers of at least 1 KiB go to a data file beside it. Returns the files written. ``model``
+    is never modified."""
     dest = Path(dest)
     if dest.is_dir():
         raise OutputError(f"output '{dest}' is a folder; pass a file path ending in .onnx")
     if not dest.parent.exists():
         raise OutputError(f"output folder '{dest.parent}' does not exist; create it first")
-    if not (external_data or needs_external_data(model)):
-        write_atomically(dest, lambda f: f.write(model.SerializeToString()))
+    plan = _Plan(model)
+    if not external_data and plan.size <= EXTERNAL_DATA_THRESHOLD:
+        write_atomically(dest, plan.write)
         return [dest]
     data_name = _external_name(dest)
-    moved: list[tuple[onnx.TensorProto, bytes]] = []
-    try:
-        def write_data(f) -> None:
-            offset = 0
-            for tensor in iter_tensors(model.graph):
-                nbytes = _tensor_nbytes(tensor)
-                if nbytes is None or nbytes < EXTERNAL_TENSOR_MIN_BYTES:
-                    continue
-                if not tensor.HasField("raw_data"):  # typed fields: store the same values as raw bytes
-                    tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor), tensor.name))
-                raw = tensor.raw_data
-                pad = (-offset) % EXTERNAL_ALIGNMENT
-                f.write(b"\0" * pad)
-                offset += pad
-                f.write(raw)
-                moved.append((tensor, raw))
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, value
-                offset += len(raw)
+    headers: list[onnx.TensorProto] = []
 
-        write_atomically(dest.parent / data_name, write_data)
-        write_atomically(dest, lambda f: f.write(model.SerializeToString()))
-    finally:
-        for tensor, raw in moved:
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = raw
+    def write_data(f) -> None:
+        offset = 0
+        for tensor in model.graph.initializer:
+            nbytes = _tensor_nbytes(tensor)
+            if nbytes is None or nbytes < EXTERNAL_TENSOR_MIN_BYTES:
+                headers.append(tensor)
+                continue
+            raw = tensor.raw_data if tensor.HasField("raw_data") else \
+                onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor)).raw_data
+            pad = (-offset) % EXTERNAL_ALIGNMENT
+            f.write(b"\0" * pad)
+            offset += pad
+            f.write(raw)
+            header = _without(tensor, "raw_data")
+            for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                header.ClearField(field)
+            header.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = header.external_data.add()
+                entry.key, entry.value = key, value
+            headers.append(header)
+            offset += len(raw)
+
+    write_atomically(dest.parent / data_name, write_data)
+    skeleton = _without(model, "graph")
+    skeleton.graph.CopyFrom(_without(model.graph, "initializer"))
+    skeleton.graph.initializer.extend(headers)  # small tensors are copied, large ones are headers only
+    write_atomically(dest, lambda f: f.write(skeleton.SerializeToString()))
     return [dest, dest.parent / data_name]
 
 

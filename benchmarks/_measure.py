@@ -1,0 +1,27 @@
+"""Run a command in a fresh Python process and report its wall time and peak resident memory."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+CHILD = r"""
+import json, resource, sys, time
+start = time.perf_counter()
+exec(compile(sys.argv[1], "<job>", "exec"))
+print(json.dumps({"seconds": time.perf_counter() - start,
+                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def measure(code: str) -> dict:
+    """Wall seconds (inside the process, imports excluded by the job itself) and peak RSS in MiB."""
+    out = subprocess.run([sys.executable, "-c", CHILD, code], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    print(measure(sys.argv[1]))
