@@ -7,11 +7,13 @@ import sys
 import time
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 start = time.perf_counter()
 exec(compile(sys.argv[1], "<job>", "exec"))
-print(json.dumps({"seconds": time.perf_counter() - start,
-                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+seconds = time.perf_counter() - start
+# VmHWM is this process's own peak: ru_maxrss would include the parent's size at fork time
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"seconds": seconds, "peak_mib": int(hwm.split()[1]) / 1024}))
 """
 
 

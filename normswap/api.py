@@ -35,7 +35,7 @@ def _load(model: ModelLike, copy: bool) -> tuple[onnx.ModelProto, str, bool]:
         clone.CopyFrom(model)
         return clone, "<ModelProto>", False
     if isinstance(model, (str, os.PathLike)):
-        loaded = load_model(model)
+        loaded = load_model(model, lazy_external=True)
         return loaded.model, str(loaded.path), loaded.had_external_data
     raise UsageError(f"expected a path or an onnx.ModelProto, got {type(model).__name__}")
 

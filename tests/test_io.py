@@ -174,3 +174,40 @@ def test_killed_during_write_leaves_old_or_complete_new(tmp_path):
 def test_missing_input_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError):
         normswap.convert(tmp_path / "none.onnx")
+
+
+def test_written_files_get_the_usual_mode_not_mkstemps_0600(tmp_path):
+    m = conv_bn(np.random.default_rng(5))
+    old = os.umask(0o022)
+    try:
+        nio.save_model(m, tmp_path / "a.onnx")
+        assert (tmp_path / "a.onnx").stat().st_mode & 0o777 == 0o644
+        os.chmod(tmp_path / "a.onnx", 0o600)
+        nio.save_model(m, tmp_path / "a.onnx")  # replacing keeps the replaced file's mode
+        assert (tmp_path / "a.onnx").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_external_data_is_converted_lazily_and_written_without_absolute_paths(tmp_path):
+    m, path = _external_model(tmp_path)
+    loaded = nio.load_model(path, lazy_external=True)
+    w = next(t for t in loaded.model.graph.initializer if t.name == "W")
+    assert w.data_location == onnx.TensorProto.EXTERNAL  # still in its file
+    r = normswap.convert(path, to="fold")
+    assert r.report.passed
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    r.save(out)
+    saved = onnx.load(str(out), load_external_data=False)
+    for t in saved.graph.initializer:
+        for e in t.external_data:
+            assert not (e.key == "location" and os.path.isabs(e.value))
+    eager = normswap.convert(m, to="fold", validate=False).model
+    back = nio.load_model(out).model
+    for a, b in zip(sorted(back.graph.initializer, key=lambda t: t.name),
+                    sorted(eager.graph.initializer, key=lambda t: t.name)):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+    inline = tmp_path / "inline.onnx"
+    r.save(inline, external_data=False)  # bound tensors are streamed into one file too
+    assert normswap.validate(m, inline).passed

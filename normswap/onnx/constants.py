@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .external import tensor_array
+
 if TYPE_CHECKING:
     from .graph import GraphIndex
 
@@ -61,7 +63,7 @@ class ConstantEvaluator:
         if name in idx.initializers:
             if idx.is_overridable_initializer(name):
                 return None
-            return numpy_helper.to_array(idx.initializers[name])
+            return tensor_array(idx.initializers[name])
         if name in idx.inputs:
             return None
         p = idx.producer_of(name)

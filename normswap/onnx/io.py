@@ -19,6 +19,8 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from ..errors import InvalidModelError, OutputError, UsageError
+from . import external
+from .external import tensor_nbytes
 from .walk import iter_graphs, iter_tensors
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -53,93 +55,6 @@ def _sniff_not_onnx(head: bytes) -> str | None:
     return None
 
 
-def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
-    """Bytes the tensor's raw data must hold, or None for types without a fixed item size."""
-    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
-        return None
-    np_type = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
-    bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(tensor.data_type)
-    if bits is not None:
-        return (count * bits + 7) // 8
-    return count * np.dtype(np_type).itemsize
-
-
-def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
-    return {e.key: e.value for e in tensor.external_data}
-
-
-def _check_no_links(base: Path, relative: Path, tensor_name: str) -> Path:
-    """Resolve ``base/relative`` refusing any symbolic link along the way and any hard-linked file."""
-    current = base
-    for part in relative.parts:
-        current = current / part
-        if current.is_symlink():
-            raise InvalidModelError(
-                f"external data of tensor '{tensor_name}' goes through the link '{current}'; "
-                "copy the data file next to the model instead of linking it")
-    try:
-        st = current.stat()
-    except FileNotFoundError:
-        raise InvalidModelError(
-            f"external data file '{relative}' of tensor '{tensor_name}' is missing; "
-            "keep the data file next to the model") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise InvalidModelError(f"external data '{relative}' of tensor '{tensor_name}' is not a regular file")
-    if st.st_nlink > 1:
-        raise InvalidModelError(
-            f"external data file '{relative}' of tensor '{tensor_name}' is hard-linked elsewhere; "
-            "copy it to a plain file next to the model")
-    return current
-
-
-def _read_external(tensor: onnx.TensorProto, base: Path) -> None:
-    """Check one external-data reference and load its bytes into ``raw_data``."""
-    info = _external_info(tensor)
-    location = info.get("location", "")
-    name = tensor.name or "<unnamed>"
-    if not location:
-        raise InvalidModelError(f"tensor '{name}' is marked external but names no location")
-    rel = Path(location)
-    if rel.is_absolute() or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
-        raise InvalidModelError(
-            f"external data of tensor '{name}' has the absolute location '{location}'; "
-            "only files inside the model's folder are read")
-    if any(part == ".." for part in rel.parts):
-        raise InvalidModelError(
-            f"external data of tensor '{name}' escapes the model's folder ('{location}'); "
-            "only files inside the model's folder are read")
-    path = _check_no_links(base, rel, name)
-    try:
-        offset = int(info.get("offset", "0"))
-        length = int(info["length"]) if "length" in info else None
-    except ValueError:
-        raise InvalidModelError(f"tensor '{name}' has a non-numeric external data offset or length") from None
-    size = path.stat().st_size
-    expected = _tensor_nbytes(tensor)
-    if offset < 0 or (length is not None and length < 0):
-        raise InvalidModelError(f"tensor '{name}' has a negative external data offset or length")
-    if length is None:
-        length = expected if expected is not None else size - offset
-    if offset + length > size:
-        raise InvalidModelError(
-            f"external data of tensor '{name}' asks for bytes {offset}..{offset + length} "
-            f"but '{location}' has only {size}; the data file is truncated or does not belong to this model")
-    if expected is not None and length != expected:
-        raise InvalidModelError(
-            f"external data of tensor '{name}' is {length} bytes but its shape and type need {expected}; "
-            "the data file does not belong to this model")
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    with os.fdopen(fd, "rb") as f:
-        f.seek(offset)
-        data = f.read(length)
-    if len(data) != length:
-        raise InvalidModelError(f"external data file '{location}' changed while it was read")
-    tensor.raw_data = data
-    del tensor.external_data[:]
-    tensor.data_location = onnx.TensorProto.DEFAULT
-
-
 def parse_model_bytes(data: bytes, source: str) -> onnx.ModelProto:
     """Parse a serialized ModelProto, refusing anything that is not clearly an ONNX model."""
     if not data:
@@ -158,8 +73,10 @@ def parse_model_bytes(data: bytes, source: str) -> onnx.ModelProto:
     return model
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
-    """Load an ONNX model from ``path`` with its external data, checking everything first."""
+def load_model(path: str | os.PathLike, lazy_external: bool = False) -> LoadedModel:
+    """Load an ONNX model from ``path``, checking every external-data reference first. With ``lazy_external``
+    the main graph's external initializers stay in their file (bound, read on demand, copied file to file when
+    saved), so memory holds only what a conversion changes."""
     p = Path(path)
     if not p.exists():
         raise UsageError(f"model file '{p}' does not exist")
@@ -168,10 +85,14 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     model = parse_model_bytes(p.read_bytes(), str(p))
     base = p.resolve().parent
     had_external = False
-    for tensor in iter_tensors(model.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+    for tensor in model.graph.initializer:
+        if external.is_external(tensor):
             had_external = True
-            _read_external(tensor, base)
+            (external.bind if lazy_external else external.load_into)(tensor, base)
+    for tensor in iter_tensors(model.graph, main_initializers=False):  # subgraphs, Constant attributes: loaded
+        if external.is_external(tensor):
+            had_external = True
+            external.load_into(tensor, base)
     return LoadedModel(model, p, had_external)
 
 
@@ -215,6 +136,15 @@ def _field(number: int, length: int) -> bytes:
 GRAPH_FIELD, INITIALIZER_FIELD, RAW_DATA_FIELD = 7, 5, 9  # ModelProto.graph, GraphProto.initializer, raw_data
 
 
+def _payload_header(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """The tensor without its payload: no raw data, no typed data, no external reference."""
+    header = _without(tensor, "raw_data")
+    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "external_data",
+                  "data_location"):
+        header.ClearField(field)
+    return header
+
+
 class _Plan:
     """The serialized layout of a model, with each initializer's raw bytes left in the proto until written.
 
@@ -232,9 +162,9 @@ class _Plan:
         self.tensors: list[tuple[onnx.TensorProto, bytes, int]] = []  # (tensor, header, raw length)
         graph_size = len(self.graph_head)
         for tensor in graph.initializer:
-            if tensor.HasField("raw_data"):
-                raw_len = len(tensor.raw_data)
-                header = _without(tensor, "raw_data").SerializeToString()
+            raw_len = external.payload_length(tensor)
+            if raw_len is not None:
+                header = _payload_header(tensor).SerializeToString()
                 size = len(header) + len(_field(RAW_DATA_FIELD, raw_len)) + raw_len
             else:
                 header, raw_len = tensor.SerializeToString(), -1
@@ -257,12 +187,17 @@ class _Plan:
             f.write(_field(INITIALIZER_FIELD, len(header) + len(raw_field) + raw_len))
             f.write(header)
             f.write(raw_field)
-            f.write(tensor.raw_data)
+            external.stream(tensor, f)
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:
     """Whether the model is too large for one protobuf (measured without serializing the weights)."""
     return _Plan(model).size > EXTERNAL_DATA_THRESHOLD
+
+
+def has_bound_data(model: onnx.ModelProto) -> bool:
+    """Whether some initializers still live in an external file (loaded lazily)."""
+    return any(external.is_external(t) for t in model.graph.initializer)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -278,14 +213,26 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def file_mode(dest: Path) -> int:
+    """The mode a new file gets (0o666 less the umask), or the mode of the file it replaces."""
+    try:
+        return stat.S_IMODE(dest.stat().st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def write_atomically(dest: Path, write) -> None:
-    """Call ``write(fileobj)`` on a temp file beside ``dest``, fsync, then rename over ``dest``."""
+    """Call ``write(fileobj)`` on a temp file beside ``dest``, fsync, then rename over ``dest`` (with the mode a
+    plain write would give it: mkstemp's 0600 would hide the model from other users)."""
     folder = dest.parent
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=folder)
     except OSError as e:
         raise OutputError(f"cannot write to folder '{folder}': {e.strerror}; choose a writable output path") from None
     try:
+        os.fchmod(fd, file_mode(dest))
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -330,25 +277,27 @@ def save_model(model: onnx.ModelProto, dest: str | os.PathLike, external_data: b
     def write_data(f) -> None:
         offset = 0
         for tensor in model.graph.initializer:
-            nbytes = _tensor_nbytes(tensor)
+            nbytes = tensor_nbytes(tensor)
             if nbytes is None or nbytes < EXTERNAL_TENSOR_MIN_BYTES:
+                if external.is_external(tensor):  # small but bound: inline it
+                    inline = _payload_header(tensor)
+                    inline.raw_data = external.raw_bytes(tensor)
+                    tensor = inline
                 headers.append(tensor)
                 continue
-            raw = tensor.raw_data if tensor.HasField("raw_data") else \
-                onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor)).raw_data
+            if external.payload_length(tensor) is None:  # typed fields: store the same values as raw bytes
+                tensor = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor), tensor.name)
             pad = (-offset) % EXTERNAL_ALIGNMENT
             f.write(b"\0" * pad)
             offset += pad
-            f.write(raw)
-            header = _without(tensor, "raw_data")
-            for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                header.ClearField(field)
+            length = external.stream(tensor, f)
+            header = _payload_header(tensor)
             header.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
                 entry = header.external_data.add()
                 entry.key, entry.value = key, value
             headers.append(header)
-            offset += len(raw)
+            offset += length
 
     write_atomically(dest.parent / data_name, write_data)
     skeleton = _without(model, "graph")

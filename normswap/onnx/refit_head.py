@@ -19,6 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from .._math import ridge_solve
+from .external import tensor_array
 from .graph import overwrite_initializer
 from .rules.base import attr, set_attr, site_name
 
@@ -78,13 +79,13 @@ def find_head(model: onnx.ModelProto) -> Head | None:
 def _current(model: onnx.ModelProto, head: Head, outputs: int) -> np.ndarray:
     """The head's effective [W; c] as a (K+1, M) float64 matrix."""
     inits = {t.name: t for t in model.graph.initializer}
-    w = numpy_helper.to_array(inits[head.weight]).astype(np.float64)
+    w = tensor_array(inits[head.weight]).astype(np.float64)
     w = w.T if head.transposed else w
     alpha = float(attr(head.node, "alpha", 1.0)) if head.node.op_type == "Gemm" else 1.0
     beta = float(attr(head.node, "beta", 1.0)) if head.node.op_type == "Gemm" else 1.0
     c = np.zeros(outputs)
     if head.bias is not None:
-        c = np.broadcast_to(numpy_helper.to_array(inits[head.bias]).astype(np.float64) * beta, (outputs,))
+        c = np.broadcast_to(tensor_array(inits[head.bias]).astype(np.float64) * beta, (outputs,))
     return np.vstack([alpha * w, c[None, :]])
 
 

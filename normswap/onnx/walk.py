@@ -23,10 +23,12 @@ def iter_graphs(graph: onnx.GraphProto, path: str = "main") -> Iterator[tuple[st
             yield from iter_graphs(sub, f"{path}/{node.name or node.op_type}[{i}]")
 
 
-def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto that can carry weight data: initializers and tensor attributes, in all subgraphs."""
+def iter_tensors(graph: onnx.GraphProto, main_initializers: bool = True) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto that can carry weight data: initializers and tensor attributes, in all subgraphs
+    (without ``graph``'s own initializers when ``main_initializers`` is False)."""
     for _, g in iter_graphs(graph):
-        yield from g.initializer
+        if g is not graph or main_initializers:
+            yield from g.initializer
         for node in g.node:
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.TENSOR:

@@ -39,10 +39,12 @@ class TorchConversionResult:
         path = Path(path)
         if not path.parent.exists():
             raise OutputError(f"output folder '{path.parent}' does not exist; create it first")
+        from ..onnx.io import file_mode
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
             save_model(self.model, tmp)
+            os.chmod(tmp, file_mode(path))
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

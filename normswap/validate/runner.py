@@ -25,13 +25,13 @@ VALIDATION_BATCH = 256  # samples per run: bounds memory on large --inputs files
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, providers: tuple[str, ...], workdir: str, label: str):
     import onnxruntime as ort
-    from ..onnx.io import needs_external_data, save_model
+    from ..onnx.io import has_bound_data, needs_external_data, save_model
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = ORT_SILENT
     if isinstance(model, (str, os.PathLike)):  # a file normswap loaded and checked: onnxruntime reads it again
         source = str(model)
-    elif needs_external_data(model):
+    elif has_bound_data(model) or needs_external_data(model):
         path = os.path.join(workdir, f"{label}.onnx")
         save_model(model, path, external_data=True)
         source = path
