@@ -49,15 +49,15 @@ class ConversionResult:
     report: ConversionReport
     had_external_data: bool = False
 
-    def save(self, path: str | os.PathLike, *, keep_invalid: bool = False,
-             external_data: bool | None = None) -> list[Path]:
+    def save(self, path: str | os.PathLike, *, keep_invalid: bool = False, external_data: bool | None = None,
+             progress: Progress | None = None) -> list[Path]:
         """Write the model atomically; with external data when the input had it, when asked, or above 2 GB."""
         from .onnx.io import save_model
         if self.report.passed is False and not keep_invalid:
             raise ValidationFailedError("the converted model failed validation, so it was not written; "
                                         "inspect the report, or pass keep_invalid=True (--keep-invalid)")
         use_external = self.had_external_data if external_data is None else external_data
-        written = save_model(self.model, path, external_data=use_external)
+        written = save_model(self.model, path, external_data=use_external, progress=progress)
         self.report.output = str(path)
         return written
 
@@ -195,7 +195,7 @@ def convert(model, to: str = "fold", *, groups: int = DEFAULT_GROUPS, group_size
         report.validation = validate_models_checked(
             reference, converted, provider, inputs, input_shapes, atol, rtol, seed,
             check="exact" if target.exact else "fidelity", min_cosine=min_cosine, min_agreement=min_agreement,
-            layer_outputs=main_norms)
+            layer_outputs=main_norms, progress=progress)
         for n in conversion.new_norms:
             n.record.drift_cosine = report.validation.layer_cosine.get(n.y)
         if not target.exact and inputs is None:
@@ -214,14 +214,14 @@ def _calibration_data(calibration: Inputs, model: onnx.ModelProto) -> dict[str, 
 def validate_models_checked(reference: onnx.ModelProto | Path, candidate: onnx.ModelProto, provider: str,
                             inputs: Inputs, input_shapes, atol: float, rtol: float, seed: int, *,
                             check: str = "exact", min_cosine: float | None = None,
-                            min_agreement: float | None = None, layer_outputs: tuple[str, ...] = ()
-                            ) -> ValidationReport:
+                            min_agreement: float | None = None, layer_outputs: tuple[str, ...] = (),
+                            progress: Progress | None = None) -> ValidationReport:
     from .validate.runner import validate_models
     if atol < 0 or rtol < 0:
         raise UsageError("--atol and --rtol must be non-negative")
     return validate_models(reference, candidate, provider=provider, inputs=inputs, input_shapes=input_shapes,
                            atol=atol, rtol=rtol, seed=seed, check=check, min_cosine=min_cosine,
-                           min_agreement=min_agreement, layer_outputs=layer_outputs)
+                           min_agreement=min_agreement, layer_outputs=layer_outputs, progress=progress)
 
 
 def validate(reference: ModelLike, candidate: ModelLike, *, provider: str = "auto", inputs: Inputs = None,

@@ -151,6 +151,9 @@ def _progress(quiet: bool) -> Iterator[Callable[[int, int, str], None] | None]:
 
     def update(done: int, total: int, label: str) -> None:
         nonlocal bar
+        if bar is not None and (bar.length != total or done < bar.pos):  # a new stage: a new bar
+            bar.__exit__(None, None, None)
+            bar = None
         if bar is None:
             bar = click.progressbar(length=total, label=label, file=sys.stderr)
             bar.__enter__()
@@ -293,7 +296,8 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
         _print_conversion(report)
     failed = report.passed is False
     if not failed or keep_invalid:
-        written = result.save(out, keep_invalid=keep_invalid)
+        with _progress(quiet) as progress:
+            written = result.save(out, keep_invalid=keep_invalid, progress=progress)
         if not quiet:
             click.echo(f"wrote {', '.join(str(p) for p in written)}")
     elif not quiet:

@@ -137,3 +137,16 @@ def test_a_wrong_candidate_fails_validation():
     report = normswap.validate(m, wrong)
     assert not report.passed and not report and report.outputs[0].max_abs > 0.1
     assert json.loads(report.to_json())["passed"] is False
+
+
+def test_io_binding_path_gives_the_same_values(tmp_path):
+    # on CUDA, validation binds inputs on the device once per batch for both models; the path runs on CPU too
+    from normswap.onnx.activations import Activations, upload
+    from normswap.validate.providers import CPU
+    m = conv_bn(np.random.default_rng(9))
+    x = {"x": np.random.default_rng(1).standard_normal((2, 4, 5, 5)).astype(np.float32)}
+    run = Activations(m, ["c"], (CPU,), str(tmp_path), "model")
+    assert run.device == "cpu" and upload(x, "cpu") == x
+    plain, bound = run.run(x, ["y", "c", "x"]), run.run(x, ["y", "c", "x"], bind=True)
+    for k in ("y", "c", "x"):
+        np.testing.assert_array_equal(plain[k], bound[k])

@@ -58,15 +58,57 @@ class Activations:
         self.feed_names = {i.name for i in self.session.get_inputs()}
         self.label = label
 
-    def run(self, feeds: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    @property
+    def device(self) -> str:
+        """Where the session computes: 'cuda' when the CUDA provider was created, else 'cpu'."""
+        return "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
+
+    def _run_bound(self, feeds: Mapping, wanted: list[str]) -> list[np.ndarray]:
+        """Run with IO binding: inputs that are already OrtValues on the device are used in place (one upload
+        serves both models), outputs are written on the device and copied back once."""
+        import onnxruntime as ort
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if name not in self.feed_names:
+                continue
+            if not isinstance(value, ort.OrtValue):
+                value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, 0)
+            binding.bind_ortvalue_input(name, value)
+        for name in wanted:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def run(self, feeds: Mapping[str, np.ndarray], names: list[str], bind: bool | None = None
+            ) -> dict[str, np.ndarray]:
+        """Values of ``names`` for ``feeds`` (numpy arrays, or OrtValues already on the device). IO binding is
+        used on CUDA (``bind`` forces it either way)."""
         wanted = [n for n in dict.fromkeys(names) if n not in self.inputs]
+        use_binding = self.device == "cuda" if bind is None else bind
         try:
-            values = self.session.run(wanted, {k: v for k, v in feeds.items() if k in self.feed_names}) if wanted else []
+            if not wanted:
+                values = []
+            elif use_binding:
+                values = self._run_bound(feeds, wanted)
+            else:
+                values = self.session.run(wanted, {k: v for k, v in feeds.items() if k in self.feed_names})
         except Exception as e:
             from ..errors import InvalidModelError
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise InvalidModelError(f"onnxruntime failed to run the {self.label} model: {message}; check that the "
                                     "data (--inputs / --calibrate / --input-shape) fits the model's inputs") from None
         out = dict(zip(wanted, values))
-        out.update({n: np.asarray(feeds[n]) for n in names if n in self.inputs})
+        out.update({n: _host(feeds[n]) for n in names if n in self.inputs})
         return out
+
+
+def _host(value) -> np.ndarray:
+    return value.numpy() if hasattr(value, "numpy") and not isinstance(value, np.ndarray) else np.asarray(value)
+
+
+def upload(batch: Mapping[str, np.ndarray], device: str) -> dict:
+    """Put a batch on ``device`` once, as OrtValues both sessions can read (numpy stays as is on the CPU)."""
+    if device == "cpu":
+        return dict(batch)
+    import onnxruntime as ort
+    return {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), device, 0) for k, v in batch.items()}

@@ -14,7 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from .constants import ConstantEvaluator
-from .types import ValueType
+from .types import TypeTable, ValueType
 from .walk import free_names, subgraphs_of
 
 
@@ -43,7 +43,7 @@ class NameRegistry:
 
 
 class GraphIndex:
-    def __init__(self, graph: onnx.GraphProto, *, ir_version: int, opset: int, types: dict[str, ValueType],
+    def __init__(self, graph: onnx.GraphProto, *, ir_version: int, opset: int, types: TypeTable,
                  names: NameRegistry, parent: "GraphIndex | None" = None, path: str = "main") -> None:
         self.graph = graph
         self.path = path

@@ -154,8 +154,8 @@ class _Plan:
     order, which protobuf parsers accept.
     """
 
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
+    def __init__(self, model: onnx.ModelProto, progress=None) -> None:
+        self.model, self.progress = model, progress
         graph = model.graph
         self.model_head = _without(model, "graph").SerializeToString()
         self.graph_head = _without(graph, "initializer").SerializeToString()
@@ -178,7 +178,9 @@ class _Plan:
         f.write(self.model_head)
         f.write(_field(GRAPH_FIELD, self.graph_size))
         f.write(self.graph_head)
-        for tensor, header, raw_len in self.tensors:
+        for k, (tensor, header, raw_len) in enumerate(self.tensors, start=1):
+            if self.progress and k % 16 == 0:
+                self.progress(k, len(self.tensors), "writing")
             if raw_len < 0:
                 f.write(_field(INITIALIZER_FIELD, len(header)))
                 f.write(header)
@@ -258,7 +260,8 @@ def _external_name(dest: Path) -> str:
     return f"{dest.name}.{os.urandom(4).hex()}.data"
 
 
-def save_model(model: onnx.ModelProto, dest: str | os.PathLike, external_data: bool = False) -> list[Path]:
+def save_model(model: onnx.ModelProto, dest: str | os.PathLike, external_data: bool = False,
+               progress=None) -> list[Path]:
     """Write ``model`` to ``dest`` atomically, streaming the weights; with ``external_data`` (forced above 2 GB)
     main-graph initializers of at least 1 KiB go to a data file beside it. Returns the files written. ``model``
     is never modified."""
@@ -267,7 +270,7 @@ def save_model(model: onnx.ModelProto, dest: str | os.PathLike, external_data: b
         raise OutputError(f"output '{dest}' is a folder; pass a file path ending in .onnx")
     if not dest.parent.exists():
         raise OutputError(f"output folder '{dest.parent}' does not exist; create it first")
-    plan = _Plan(model)
+    plan = _Plan(model, progress)
     if not external_data and plan.size <= EXTERNAL_DATA_THRESHOLD:
         write_atomically(dest, plan.write)
         return [dest]
@@ -276,7 +279,10 @@ def save_model(model: onnx.ModelProto, dest: str | os.PathLike, external_data: b
 
     def write_data(f) -> None:
         offset = 0
-        for tensor in model.graph.initializer:
+        total = len(model.graph.initializer)
+        for k, tensor in enumerate(model.graph.initializer, start=1):
+            if progress and k % 16 == 0:
+                progress(k, total, "writing")
             nbytes = tensor_nbytes(tensor)
             if nbytes is None or nbytes < EXTERNAL_TENSOR_MIN_BYTES:
                 if external.is_external(tensor):  # small but bound: inline it

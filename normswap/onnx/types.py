@@ -1,7 +1,7 @@
 """Element types and shapes of every value, from ONNX shape inference run on a weightless skeleton.
 
-The skeleton holds the nodes and small initializers; large initializers become typed graph inputs, so inference
-never touches (or copies) the weights.
+The skeleton holds the nodes and small integer initializers (shapes, axes); every other initializer becomes a
+typed graph input, so inference never touches (or copies) the weights.
 """
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import onnx
 
 from .walk import iter_graphs
 
-# Initializers at most this large keep their values in the skeleton (shape tensors for Reshape, ...).
-SKELETON_VALUE_BYTES = 1 << 16
+# Integer initializers at most this large keep their values in the skeleton (shape tensors for Reshape, Slice
+# starts, axes...); everything else -- the weights -- becomes a typed graph input.
+SKELETON_VALUE_BYTES = 1 << 12
+_SHAPE_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,8 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     g.input.extend(src.input)
     for node in src.node:  # large Constant nodes become typed inputs: their values are not needed
         value = node.attribute[0].t if node.op_type == "Constant" and len(node.attribute) == 1 else None
-        if value is not None and node.attribute[0].name == "value" and len(value.raw_data) > SKELETON_VALUE_BYTES:
+        if value is not None and node.attribute[0].name == "value" and (
+                value.data_type not in _SHAPE_TYPES or len(value.raw_data) > SKELETON_VALUE_BYTES):
             g.input.append(onnx.helper.make_tensor_value_info(node.output[0], value.data_type, list(value.dims)))
         else:
             g.node.append(node)
@@ -62,29 +65,52 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     g.value_info.extend(src.value_info)
     input_names = {i.name for i in src.input}
     for t in src.initializer:
-        if len(t.raw_data) <= SKELETON_VALUE_BYTES and t.data_location != onnx.TensorProto.EXTERNAL:
+        if t.data_type in _SHAPE_TYPES and t.data_location != onnx.TensorProto.EXTERNAL and \
+                len(t.raw_data) + 8 * (len(t.int64_data) + len(t.int32_data)) <= SKELETON_VALUE_BYTES:
             g.initializer.append(t)
         elif t.name not in input_names:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return skel
 
 
-def infer_value_types(model: onnx.ModelProto) -> tuple[dict[str, ValueType], str | None]:
-    """Map value name -> ValueType over all graphs; second item is a note when inference failed."""
+class TypeTable:
+    """Name -> ValueType, converted from the inferred value infos on first use (most are never asked for)."""
+
+    def __init__(self) -> None:
+        self._infos: dict[str, onnx.ValueInfoProto] = {}
+        self._types: dict[str, ValueType | None] = {}
+
+    def add_info(self, vi: onnx.ValueInfoProto) -> None:
+        self._infos.setdefault(vi.name, vi)
+
+    def set(self, name: str, value: ValueType) -> None:
+        self._types[name] = value
+
+    def get(self, name: str) -> ValueType | None:
+        if name not in self._types:
+            vi = self._infos.get(name)
+            self._types[name] = None if vi is None else _from_value_info(vi)
+        return self._types[name]
+
+
+def infer_value_types(model: onnx.ModelProto) -> tuple[TypeTable, str | None]:
+    """Element types and shapes over all graphs; second item is a note when inference failed."""
     note = None
     try:
         inferred = onnx.shape_inference.infer_shapes(_skeleton(model), check_type=False, strict_mode=False,
                                                      data_prop=True)
     except Exception as e:  # inference is best effort: rules that need a rank skip with a reason
         inferred, note = model, f"ONNX shape inference failed ({type(e).__name__}); ranks come from the model only"
-    types: dict[str, ValueType] = {}
+    types = TypeTable()
     for _, graph in iter_graphs(inferred.graph):
+        for section in (graph.value_info, graph.output, graph.input):  # the most specific first
+            for vi in section:
+                if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+                    types.add_info(vi)
+        for section in (graph.value_info, graph.output, graph.input):
+            for vi in section:
+                types.add_info(vi)
+    for _, graph in iter_graphs(model.graph):
         for t in graph.initializer:
-            types[t.name] = ValueType(t.data_type, tuple(t.dims))
-        for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
-            vt = _from_value_info(vi)
-            if vt is not None and (vi.name not in types or types[vi.name].dims is None):
-                types[vi.name] = vt
-    for t in model.graph.initializer:
-        types[t.name] = ValueType(t.data_type, tuple(t.dims))
+            types.set(t.name, ValueType(t.data_type, tuple(t.dims)))
     return types, note

@@ -59,7 +59,8 @@ def validate_models(reference: onnx.ModelProto | str | os.PathLike, candidate: o
                     input_shapes: Mapping[str, tuple[int, ...]] | None = None, atol: float = DEFAULT_ATOL,
                     rtol: float = DEFAULT_RTOL, seed: int = 0, check: str = "exact",
                     min_cosine: float | None = None, min_agreement: float | None = None,
-                    layer_outputs: tuple[str, ...] = (), batch_size: int = VALIDATION_BATCH) -> ValidationReport:
+                    layer_outputs: tuple[str, ...] = (), batch_size: int = VALIDATION_BATCH,
+                    progress=None) -> ValidationReport:
     """Run both models on the same inputs (in batches) and compare every output of the reference by name.
 
     ``check="exact"`` applies atol / rtol; ``check="fidelity"`` measures and applies only the optional gates.
@@ -67,7 +68,7 @@ def validate_models(reference: onnx.ModelProto | str | os.PathLike, candidate: o
     their cosine similarity is reported as per-layer drift. ``reference`` may be the path of the unmodified
     original (then the inputs are read off the candidate, which has the same ones).
     """
-    from ..onnx.activations import Activations, iter_batches
+    from ..onnx.activations import Activations, iter_batches, upload
     choice = select_providers(provider)
     feeds, source = make_feeds(reference if isinstance(reference, onnx.ModelProto) else candidate, inputs,
                                input_shapes, seed)
@@ -83,9 +84,13 @@ def validate_models(reference: onnx.ModelProto | str | os.PathLike, candidate: o
             raise InvalidModelError(f"the candidate has no output(s) {missing} that the reference has; "
                                     "compare models with the same outputs")
         stats = {n: OutputStats(n, atol, rtol) for n in dict.fromkeys(out_names + list(layer_outputs))}
-        for batch in iter_batches(feeds, batch_size):
-            r = ref.run(batch, list(stats))
-            c = cand.run(batch, list(stats))
+        batches = list(iter_batches(feeds, batch_size)) if progress else iter_batches(feeds, batch_size)
+        for k, batch in enumerate(batches, start=1):
+            on_device = upload(batch, ref.device)  # one upload per batch serves both models
+            r = ref.run(on_device, list(stats))
+            c = cand.run(on_device, list(stats))
+            if progress:
+                progress(k, len(batches), "validating")
             for name, st in stats.items():
                 st.add(r[name], c[name])
     comparisons = [stats[n].result(check, min_cosine, min_agreement) for n in out_names]
