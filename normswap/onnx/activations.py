@@ -25,6 +25,32 @@ def iter_batches(data: Mapping[str, np.ndarray], batch_size: int) -> Iterator[di
         yield {k: v[start:start + batch_size] for k, v in data.items()}
 
 
+def prefix_model(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``names`` (its outputs, in order): onnxruntime runs every node of a
+    session whatever outputs are asked for, so calibration passes that need early layers run a prefix only.
+    Linear in the graph; only the initializers the prefix reads are copied."""
+    from .io import _without
+    from .walk import free_names, subgraphs_of
+    graph = model.graph
+    needed = set(names)
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+            for sub in subgraphs_of(node):
+                needed |= free_names(sub)
+    out = _without(model, "graph")
+    g = out.graph
+    g.CopyFrom(_without(graph, "node"))
+    del g.initializer[:], g.output[:], g.value_info[:]
+    g.node.extend(reversed(keep))
+    g.initializer.extend(t for t in graph.initializer if t.name in needed)
+    inputs = {i.name for i in graph.input}
+    g.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in inputs)
+    return out
+
+
 class Activations:
     """An onnxruntime session that can return any value of the model's main graph, not only its outputs.
 

@@ -7,7 +7,8 @@ sample and position (``_math.AffineFit``: five running sums per channel, so memo
 
 Layers are fitted level by level in topological order: a layer's level is one more than the deepest new layer
 upstream of it, and all layers of one level are fitted in the same pass over the data, with every upstream layer
-already fitted -- each fit sees the converted network it will live in, so error does not accumulate. ``z`` is
+already fitted -- each fit sees the converted network it will live in, so error does not accumulate. Each pass
+runs only the prefix of both models that computes the values it needs (onnxruntime would run the whole graph). ``z`` is
 computed in float64 numpy from the layer's input as onnxruntime produces it in the converted model. Afterwards
 the layer producing a model output (a Gemm / MatMul head) can be refitted in closed form to the original outputs
 (``refit_head``).
@@ -25,7 +26,8 @@ import onnx
 from ..report import CalibrationReport
 from .._math import AffineFit, channel_normalize, group_normalize, pick_groups_by_fit
 from ..errors import UsageError
-from .activations import Activations, iter_batches, sample_count
+from .activations import Activations, iter_batches, prefix_model, sample_count
+from .io import load_model
 from .convert import NewNorm
 from .graph import overwrite_initializer
 from .refit_head import find_head, refit_head
@@ -102,11 +104,13 @@ def calibrate(reference: onnx.ModelProto | Path, converted: onnx.ModelProto, nor
     total = (len(by_level) + (head is not None)) * batches
     done = 0
     with tempfile.TemporaryDirectory(prefix="normswap-calib-") as workdir:
-        original = Activations(reference, [n.y for n in fitted] + ([head.output] if head else []), providers,
-                               workdir, "reference")
+        ref_model = load_model(reference, lazy_external=True).model if isinstance(reference, Path) else reference
         for level in sorted(by_level):
             group = by_level[level]
-            candidate = Activations(converted, [n.x for n in group], providers, workdir, "candidate")
+            original = Activations(prefix_model(ref_model, [n.y for n in group]), [], providers, workdir,
+                                   "reference")
+            candidate = Activations(prefix_model(converted, [n.x for n in group]), [], providers, workdir,
+                                    "candidate")
             fits = {n.y: {g: AffineFit(n.channels) for g in _candidates(n, choose_groups)} for n in group}
             for batch in iter_batches(data, batch_size):
                 targets = original.run(batch, [n.y for n in group])
@@ -131,7 +135,8 @@ def calibrate(reference: onnx.ModelProto | Path, converted: onnx.ModelProto, nor
                 report.layers_changed.append(n.record.name)
             report.passes += 1
         if head is not None:
-            candidate = Activations(converted, [head.input], providers, workdir, "candidate")
+            original = Activations(ref_model, [head.output], providers, workdir, "reference")
+            candidate = Activations(prefix_model(converted, [head.input]), [], providers, workdir, "candidate")
 
             def pairs():
                 nonlocal done
