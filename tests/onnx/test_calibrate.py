@@ -91,3 +91,19 @@ def test_norm_levels_of_parallel_branches_share_a_level():
                           "g", [], [])
     norms = [NewNorm(None, "x", y, 1, 1, 1e-5, "", "", "main") for y in ("a", "b", "d")]
     assert norm_levels(g, norms) == {"a": 1, "b": 1, "d": 2}
+
+
+def test_prefix_model_computes_the_same_values_with_fewer_nodes(digits, tmp_path):
+    from normswap.onnx.activations import Activations, prefix_model
+    from normswap.validate.providers import CPU
+    model = onnx.load(str(MODEL))
+    first_bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    prefix = prefix_model(model, [first_bn.output[0]])
+    assert len(prefix.graph.node) < len(model.graph.node) / 3
+    assert [o.name for o in prefix.graph.output] == [first_bn.output[0]]
+    needed = {i for n in prefix.graph.node for i in n.input}
+    assert {t.name for t in prefix.graph.initializer} <= needed
+    x = {"x": digits[0]["x"][:8]}
+    full = Activations(model, [first_bn.output[0]], (CPU,), str(tmp_path), "full").run(x, [first_bn.output[0]])
+    part = Activations(prefix, [], (CPU,), str(tmp_path), "prefix").run(x, [first_bn.output[0]])
+    np.testing.assert_array_equal(full[first_bn.output[0]], part[first_bn.output[0]])
