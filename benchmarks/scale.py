@@ -238,12 +238,15 @@ def write(out: Path, cost: dict, scale: list, big: dict | None, forms: list, fol
                   "tensors in their file until it needs them: it reads each conv weight once to fold it, holds only "
                   "the weights that change, and copies untouched tensors file to file without decoding them. Here "
                   "every conv weight changes, so the peak is about the size of the weights plus a constant; a "
-                  "replacement target (group) changes no weight and stays near the constant.", ""]
+                  "replacement target (group) changes no weight and stays near the constant. Validating it loads the "
+                  "original and the converted model into onnxruntime beside the converted weights: about three "
+                  "times the weights.", ""]
     lines += ["## 4. Inference cost of the emitted forms (onnxruntime CPU, 2 threads, fastest of 20 runs, ms)", "",
               "| form | optimizations off | optimizations on |", "|---|---|---|"]
     lines += [f"| {label} | {off:.2f} | {on:.2f} |" for label, off, on in forms]
     lines += ["", "GroupNormalization-21 is never emitted: it is slower here and numerically unstable "
-              "(E[x^2] - E[x]^2; see targets.md).", "", "| model | optimizations off | optimizations on |",
+              "(E[x^2] - E[x]^2; see targets.md). torch.onnx 2.13 (opset 20) exports `nn.GroupNorm` as the same "
+              "Reshape-InstanceNormalization-Reshape-Mul-Add decomposition normswap emits.", "", "| model | optimizations off | optimizations on |",
               "|---|---|---|"]
     lines += [f"| {label} | {off:.2f} | {on:.2f} |" for label, off, on in fold_infer]
     lines += ["", "A folded model is never slower than the original: it runs the same convolutions without the BN "
