@@ -121,6 +121,17 @@ def _session_time(model, feeds: dict, optimized: bool, repeats: int = 20) -> flo
     return min(times) * 1000  # the least disturbed run: this machine is shared
 
 
+def _channels_last_layer_norm(x: np.ndarray, params) -> "onnx.ModelProto":
+    from onnx import TensorProto, helper
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]),
+         helper.make_node("LayerNormalization", ["t", "g", "b"], ["l"], axis=-1),
+         helper.make_node("Transpose", ["l"], ["y"], perm=[0, 3, 1, 2])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))], list(params[:2]))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
 def emitted_forms(quick: bool) -> list[tuple]:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -147,7 +158,9 @@ def emitted_forms(quick: bool) -> list[tuple]:
     feeds = {"x": x}
     for label, m in (("BatchNormalization (the original)", bn), ("GroupNormalization-21", gn21),
                      ("emitted GroupNorm: Reshape-InstanceNormalization-Reshape-Mul-Add", emitted),
-                     ("emitted LayerNorm over channels: Transpose-LayerNormalization-Transpose", layer),
+                     ("emitted LayerNorm over channels: two-pass ReduceMean form", layer),
+                     ("LayerNorm over channels: Transpose-LayerNormalization-Transpose (not emitted)",
+                      _channels_last_layer_norm(x, params)),
                      ("emitted InstanceNorm: InstanceNormalization", inst)):
         rows.append((label, _session_time(m, feeds, False), _session_time(m, feeds, True)))
     return rows

@@ -1,9 +1,9 @@
 """Replace BatchNormalization by LayerNorm over the channels at each position (``--layer-over channels``).
 
 Before:  x -> BatchNormalization -> y
-After:   x -> Transpose(channels last) -> LayerNormalization(axis=-1, a, b) -> Transpose back -> y   (opset >= 17)
-         x -> LayerNormalization(axis=1, a, b) -> y                                               ((N, C) input)
-         x -> ReduceMean/Sub/Mul/ReduceMean/Add/Sqrt/Div (two-pass) -> Mul(a) -> Add(b) -> y     (opset < 17)
+After:   x -> ReduceMean/Sub/Mul/ReduceMean/Add/Sqrt/Div (two-pass, over axis 1) -> Mul(a) -> Add(b) -> y
+         (valid at every opset; measured faster on onnxruntime CPU than Transpose -> LayerNormalization ->
+         Transpose, and stable: the variance is the mean of squared deviations)
 
 Each sample at each position is normalized over its C channels (ConvNeXt-style), then scaled and shifted per
 channel; ``a = gamma``, ``b = beta`` until calibration refits them. Not exact. Conditions: rank and element type
