@@ -59,7 +59,7 @@ class TorchConverter:
                 groups: int | None = None) -> LayerRecord:
         producer = flow.producers.get(site.name)
         record = LayerRecord(site.name, site.kind, action, reason, site.channels, producer,
-                             None if producer is None else "module", rule, "module", [site.name], groups=groups)
+                             flow.producer_types.get(site.name), rule, "module", [site.name], groups=groups)
         self.records.append(record)
         return record
 

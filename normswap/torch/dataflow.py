@@ -23,6 +23,7 @@ class Dataflow:
     traced: bool
     problem: str | None = None
     producers: dict[str, str] = field(default_factory=dict)  # site name -> producer module name
+    producer_types: dict[str, str] = field(default_factory=dict)  # site name -> producer module class
     why_not: dict[str, str] = field(default_factory=dict)  # site name -> why it has no foldable producer
     order: list[str] = field(default_factory=list)  # site names in execution order
     levels: dict[str, int] = field(default_factory=dict)  # 1 + deepest site upstream
@@ -75,6 +76,7 @@ def analyze(module: nn.Module, sites: list[TorchSite], example: tuple | None) ->
             flow.why_not[node.target] = reason
         else:
             flow.producers[node.target] = producer
+            flow.producer_types[node.target] = type(module.get_submodule(producer)).__name__
     for s in sites:  # never called in forward
         if s.name not in flow.levels:
             flow.why_not[s.name] = "it is never called by forward"

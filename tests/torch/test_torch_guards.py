@@ -118,6 +118,7 @@ def test_pairs_come_from_the_dataflow_not_module_order():
     net = randomize_bn(WrongOrder())
     r = normswap.convert(net, to="fold", example_inputs=X, validate=False)
     assert r.report.layers[0].action == "folded" and r.report.layers[0].producer == "conv_b"
+    assert r.report.layers[0].producer_op == "Conv2d"
     _same(net, r.model, X)
 
 
