@@ -121,7 +121,7 @@ def _session_time(model, feeds: dict, optimized: bool, repeats: int = 20) -> flo
     return min(times) * 1000  # the least disturbed run: this machine is shared
 
 
-def _channels_last_layer_norm(x: np.ndarray, params) -> "onnx.ModelProto":
+def _channels_last_layer_norm(x: np.ndarray, params):
     from onnx import TensorProto, helper
     graph = helper.make_graph(
         [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]),
@@ -133,7 +133,6 @@ def _channels_last_layer_norm(x: np.ndarray, params) -> "onnx.ModelProto":
 
 
 def emitted_forms(quick: bool) -> list[tuple]:
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     import normswap

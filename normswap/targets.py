@@ -61,3 +61,6 @@ def get_target(name: str) -> Target:
         if target.name == name:
             return target
     raise KeyError(name)
+
+
+DEFAULT_REPLACE_OPTIONS = ReplaceOptions()

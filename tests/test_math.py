@@ -20,7 +20,7 @@ def conv_ref(x, w, b, group):
         sl = tuple(slice(o, o + s) for o, s in zip(off, out_sp))
         patch = x[(slice(None), slice(None)) + sl]
         for g in range(group):
-            wg = w[g * mg:(g + 1) * mg, :, *off]
+            wg = w[(slice(g * mg, (g + 1) * mg), slice(None)) + tuple(off)]
             y[:, g * mg:(g + 1) * mg] += np.einsum("nc...,mc->nm...", patch[:, g * cg:(g + 1) * cg], wg)
     return y + (0 if b is None else b.reshape((1, -1) + (1,) * len(k)))
 
@@ -35,7 +35,8 @@ def conv_transpose_ref(x, w, b, group):
     for off in np.ndindex(*k):
         sl = tuple(slice(o, o + s) for o, s in zip(off, x.shape[2:]))
         for g in range(group):
-            contrib = np.einsum("nc...,cm->nm...", x[:, g * cg:(g + 1) * cg], w[g * cg:(g + 1) * cg, :, *off])
+            wg = w[(slice(g * cg, (g + 1) * cg), slice(None)) + tuple(off)]
+            contrib = np.einsum("nc...,cm->nm...", x[:, g * cg:(g + 1) * cg], wg)
             y[(slice(None), slice(g * mg, (g + 1) * mg)) + sl] += contrib
     return y + (0 if b is None else b.reshape((1, -1) + (1,) * len(k)))
 

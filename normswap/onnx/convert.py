@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from ..report import LayerRecord
-from ..targets import ReplaceOptions
+from ..targets import DEFAULT_REPLACE_OPTIONS, ReplaceOptions
 from .graph import GraphIndex, NameRegistry
 from .io import opset_of
 from .rules import (AFFINE_RULE, FOLD_RULES, GROUP_RULE, INSTANCE_RULE, LAYER_CHANNELS_RULE, LAYER_RULE,
@@ -171,7 +171,7 @@ def _unresolved_bn_inputs(model: onnx.ModelProto, types: dict) -> list[str]:
 
 
 def convert_in_place(model: onnx.ModelProto, target: str, keep_unfoldable: bool = False,
-                     options: ReplaceOptions = ReplaceOptions(), shape_probe: ShapeProbe | None = None
+                     options: ReplaceOptions = DEFAULT_REPLACE_OPTIONS, shape_probe: ShapeProbe | None = None
                      ) -> Conversion:
     """Rewrite every BatchNormalization of ``model`` (edited in place) for ``target``. ``shape_probe`` runs the
     model to find concrete shapes of BN inputs that shape inference leaves symbolic (replacement targets need

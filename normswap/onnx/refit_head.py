@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .._math import ridge_solve
 from .external import tensor_array

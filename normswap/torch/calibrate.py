@@ -222,8 +222,12 @@ def layer_drift(original: nn.Module, converted: nn.Module, layers: list[NewLayer
                 args: tuple[torch.Tensor, ...]) -> None:
     """Each new layer's output against the original BN's output on ``args``: cosine into its record."""
     outputs: dict[str, torch.Tensor] = {}
-    hooks = [layer.module.register_forward_hook(
-        lambda m, a, out, k=str(id(layer)): outputs.__setitem__(k, out)) for layer in layers]
+
+    def keep(key: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            outputs[key] = out
+        return hook
+    hooks = [layer.module.register_forward_hook(keep(str(id(layer)))) for layer in layers]
     try:
         with _eval(original, converted), torch.no_grad():
             with _capturing([(layer.site.module, str(id(layer))) for layer in layers]) as inputs:

@@ -5,7 +5,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import normswap
-from tests.builders import IR, bn_node, bn_params, conv_bn, feed, init, model, ops, out, run, vi
+from tests.builders import IR, bn_node, bn_params, conv_bn, init, model, ops, out, run, vi
 
 
 def test_training_mode_bn_is_never_folded():

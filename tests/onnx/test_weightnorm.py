@@ -5,7 +5,7 @@ import pytest
 from onnx import helper
 
 import normswap
-from tests.builders import bn_node, bn_params, conv_bn, init, model, ops, out, run, vi
+from tests.builders import bn_node, bn_params, conv_bn, init, model, ops, out, vi
 
 
 @pytest.mark.parametrize("transpose,group", [(False, 1), (False, 2), (True, 1), (True, 2)])

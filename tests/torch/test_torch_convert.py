@@ -1,7 +1,6 @@
 """PyTorch path: every target on every architecture, exactness, guards, and what is preserved."""
 import copy
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

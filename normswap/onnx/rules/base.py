@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from ..._math import bn_affine
-from ...targets import ReplaceOptions
+from ...targets import DEFAULT_REPLACE_OPTIONS, ReplaceOptions
 from ..graph import GraphIndex
 from ..types import ValueType
 
@@ -99,7 +99,7 @@ def _param_reason(graph: GraphIndex, name: str, role: str) -> str:
     return f"its {role} '{name}' is not constant (computed from graph inputs at run time)"
 
 
-def read_bn_site(graph: GraphIndex, i: int, options: ReplaceOptions = ReplaceOptions()) -> BnSite | Skip:
+def read_bn_site(graph: GraphIndex, i: int, options: ReplaceOptions = DEFAULT_REPLACE_OPTIONS) -> BnSite | Skip:
     """Check the guards every BN rewrite shares and read its per-channel affine ``(s, t)`` in float64."""
     node = graph.nodes[i]
     if attr(node, "training_mode", 0) == 1 or attr(node, "is_test", 1) == 0:
