@@ -377,13 +377,19 @@ def _convert_torch(spec, weights, export_onnx, distill_steps, target, output, ke
 @main.command()
 @click.argument("reference", type=click.Path(dir_okay=False))
 @click.argument("candidate", type=click.Path(dir_okay=False))
+@click.option("--check", type=click.Choice(["exact", "fidelity"]), default="exact", show_default=True,
+              help="exact: within --atol/--rtol; fidelity: measure, and gate with --min-cosine/--min-agreement.")
+@click.option("--min-cosine", type=float, default=None, help="With --check fidelity: fail below this cosine.")
+@click.option("--min-agreement", type=float, default=None, help="With --check fidelity: fail below this top-1 agreement.")
 @_validation_options
-def validate(reference: str, candidate: str, provider: str, inputs: str | None, input_shapes: tuple[str, ...],
-             atol: float, rtol: float, seed: int, report_path: str | None) -> None:
+def validate(reference: str, candidate: str, check: str, min_cosine: float | None, min_agreement: float | None,
+             provider: str, inputs: str | None, input_shapes: tuple[str, ...], atol: float, rtol: float, seed: int,
+             report_path: str | None) -> None:
     """Run REFERENCE and CANDIDATE in ONNX Runtime on the same inputs and compare every output."""
     from .api import validate as validate_models
     report = validate_models(reference, candidate, provider=provider, inputs=inputs,
-                             input_shapes=_shapes(input_shapes), atol=atol, rtol=rtol, seed=seed)
+                             input_shapes=_shapes(input_shapes), atol=atol, rtol=rtol, seed=seed, check=check,
+                             min_cosine=min_cosine, min_agreement=min_agreement)
     if report_path != "-":
         _print_validation(report)
         click.echo("passed" if report.passed else "FAILED")

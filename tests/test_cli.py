@@ -166,3 +166,12 @@ def test_replacement_option_errors_exit_2(model_path):
     assert cli("convert", model_path, "--to", "group", "--min-cosine", "2").returncode == 2
     r = cli("convert", model_path, "--to", "group", "--opset", "9")
     assert r.returncode == 2 and "only upgrades" in r.stderr
+
+
+def test_validate_fidelity_check_and_gate(model_path, tmp_path):
+    other = tmp_path / "other.onnx"
+    onnx.save_model(conv_bn(np.random.default_rng(99)), str(other))
+    r = cli("validate", model_path, other, "--check", "fidelity")
+    assert r.returncode == 0 and "fidelity, no gate" in r.stdout
+    r = cli("validate", model_path, other, "--check", "fidelity", "--min-cosine", "0.9999")
+    assert r.returncode == 1 and "FAIL" in r.stdout
