@@ -267,12 +267,13 @@ def write(out: Path, cost: dict, scale: list, big: dict | None, forms: list, fol
               f"`--to group --calibrate` on fixtures/digits_resnet.onnx ({calib['layers']} BN layers, 300 samples): "
               f"{calib['calibration_s']:.2f} s, {calib['passes']} passes over the data, "
               f"{calib['calibration_s'] / calib['forward_s']:.0f}x one forward pass of the original "
-              f"({1000 * calib['forward_s']:.1f} ms). Layers that do not depend on each other share a pass (one pass "
-              "per level of the dataflow, plus one for the output layer); each pass runs only the prefix of the "
-              "original and of the converted model that computes the values it needs -- onnxruntime itself runs a "
-              "whole graph whatever outputs are requested -- so the passes add up to about 10 forward passes; the "
-              "rest is the float64 normalization and fitting in numpy (every candidate group count of a layer is "
-              "fitted in the same pass).", ""]
+              f"({1000 * calib['forward_s']:.1f} ms). The original runs once and its BN outputs are kept for every "
+              "pass (up to 256 MiB; above that they are recomputed per pass, so memory stays bounded). Layers that "
+              "do not depend on each other share a pass (one per level of the dataflow, plus one for the output "
+              "layer), and each pass runs only the prefix of the converted model that computes the values it "
+              "needs -- onnxruntime itself runs a whole graph whatever outputs are requested. Most of the rest is "
+              "the float64 normalization and fitting in numpy: with `--to group` every allowed group count of a "
+              "layer is fitted in the same pass.", ""]
     out.write_text("\n".join(lines))
 
 

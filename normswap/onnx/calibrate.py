@@ -8,7 +8,9 @@ sample and position (``_math.AffineFit``: five running sums per channel, so memo
 Layers are fitted level by level in topological order: a layer's level is one more than the deepest new layer
 upstream of it, and all layers of one level are fitted in the same pass over the data, with every upstream layer
 already fitted -- each fit sees the converted network it will live in, so error does not accumulate. Each pass
-runs only the prefix of both models that computes the values it needs (onnxruntime would run the whole graph). ``z`` is
+runs only the prefix of the converted model that computes the values it needs (onnxruntime would run the whole
+graph); the original's values are computed once and kept when they fit in ``TARGET_CACHE_BYTES``, else by a
+prefix per pass. ``z`` is
 computed in float64 numpy from the layer's input as onnxruntime produces it in the converted model. Afterwards
 the layer producing a model output (a Gemm / MatMul head) can be refitted in closed form to the original outputs
 (``refit_head``).
@@ -34,7 +36,32 @@ from .refit_head import find_head, refit_head
 from .walk import free_names, subgraphs_of
 
 DEFAULT_BATCH_SIZE = 64
+TARGET_CACHE_BYTES = 256 << 20
+"""The original model's BN outputs (and outputs) over the calibration data are kept for all passes when they fit
+in this many bytes: the original then runs once instead of once per level. Above it they are recomputed per
+level, so memory stays bounded whatever the data size."""
 Progress = Callable[[int, int, str], None]
+
+
+class _Targets:
+    """What the original model computes on the calibration data, for every pass: cached when small enough."""
+
+    def __init__(self, model: onnx.ModelProto, names: list[str], data: Mapping[str, np.ndarray], batch_size: int,
+                 providers: tuple[str, ...], workdir: str) -> None:
+        self.model, self.providers, self.workdir = model, providers, workdir
+        self.cache: list[dict[str, np.ndarray]] | None = None
+        batches = list(iter_batches(data, batch_size))
+        full = Activations(prefix_model(model, names), [], providers, workdir, "reference")
+        first = full.run(batches[0], names)
+        if sum(v.nbytes for v in first.values()) * len(batches) <= TARGET_CACHE_BYTES:
+            self.cache = [first] + [full.run(b, names) for b in batches[1:]]
+
+    def runner(self, names: list[str]):
+        """A function (batch index, batch) -> values of ``names``."""
+        if self.cache is not None:
+            return lambda k, batch: self.cache[k]
+        run = Activations(prefix_model(self.model, names), [], self.providers, self.workdir, "reference")
+        return lambda k, batch: run.run(batch, names)
 
 
 def norm_levels(graph: onnx.GraphProto, norms: list[NewNorm]) -> dict[str, int]:
@@ -105,15 +132,18 @@ def calibrate(reference: onnx.ModelProto | Path, converted: onnx.ModelProto, nor
     done = 0
     with tempfile.TemporaryDirectory(prefix="normswap-calib-") as workdir:
         ref_model = load_model(reference, lazy_external=True).model if isinstance(reference, Path) else reference
+        targets_of = _Targets(ref_model, [n.y for n in fitted] + ([head.output] if head else []), data, batch_size,
+                              providers, workdir)
+        if targets_of.cache is not None:
+            report.passes += 1
         for level in sorted(by_level):
             group = by_level[level]
-            original = Activations(prefix_model(ref_model, [n.y for n in group]), [], providers, workdir,
-                                   "reference")
+            original = targets_of.runner([n.y for n in group])
             candidate = Activations(prefix_model(converted, [n.x for n in group]), [], providers, workdir,
                                     "candidate")
             fits = {n.y: {g: AffineFit(n.channels) for g in _candidates(n, choose_groups)} for n in group}
-            for batch in iter_batches(data, batch_size):
-                targets = original.run(batch, [n.y for n in group])
+            for k, batch in enumerate(iter_batches(data, batch_size)):
+                targets = original(k, batch)
                 inputs = candidate.run(batch, [n.x for n in group])
                 for n in group:
                     for g, fit in fits[n.y].items():
@@ -135,14 +165,13 @@ def calibrate(reference: onnx.ModelProto | Path, converted: onnx.ModelProto, nor
                 report.layers_changed.append(n.record.name)
             report.passes += 1
         if head is not None:
-            original = Activations(ref_model, [head.output], providers, workdir, "reference")
+            original = targets_of.runner([head.output])
             candidate = Activations(prefix_model(converted, [head.input]), [], providers, workdir, "candidate")
 
             def pairs():
                 nonlocal done
-                for batch in iter_batches(data, batch_size):
-                    yield (candidate.run(batch, [head.input])[head.input],
-                           original.run(batch, [head.output])[head.output])
+                for k, batch in enumerate(iter_batches(data, batch_size)):
+                    yield (candidate.run(batch, [head.input])[head.input], original(k, batch)[head.output])
                     done += 1
                     if progress:
                         progress(done, total, "refitting the output layer")

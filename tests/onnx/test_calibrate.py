@@ -67,7 +67,18 @@ def test_batch_size_does_not_change_the_fit(digits):
 def test_levels_follow_the_dataflow(digits):
     calib, _ = digits
     r = normswap.convert(MODEL, to="layer", calibration=calib, validate=False)
-    assert r.report.calibration.passes == 6 + 1  # a chain of six norms, then the head
+    assert r.report.calibration.passes == 1 + 6 + 1  # the original once, a chain of six norms, then the head
+
+
+def test_uncached_targets_give_the_same_fit(digits, monkeypatch):
+    import normswap.onnx.calibrate as cal
+    calib, _ = digits
+    cached = normswap.convert(MODEL, to="layer", calibration=calib, validate=False)
+    monkeypatch.setattr(cal, "TARGET_CACHE_BYTES", 0)  # too large to keep: recomputed per pass
+    streamed = normswap.convert(MODEL, to="layer", calibration=calib, validate=False)
+    assert streamed.report.calibration.passes == 6 + 1
+    for a, b in zip(cached.model.graph.initializer, streamed.model.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
 
 
 def test_calibration_reports_progress(digits):
