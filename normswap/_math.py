@@ -185,6 +185,55 @@ class AffineFit:
         return a, b, np.maximum(sse, 0.0)
 
 
+def solve_candidates(fits: dict) -> tuple[int | None, np.ndarray, np.ndarray, dict | None]:
+    """Solve the AffineFit of every candidate group count of one layer: ``(groups, a, b, sse)`` for the count
+    ``pick_groups_by_fit`` prefers (``sse`` is None when there was only one candidate)."""
+    solved = {g: fit.solve() for g, fit in fits.items()}
+    if len(solved) == 1:
+        ((groups, (a, b, _)),) = solved.items()
+        return groups, a, b, None
+    sse = {g: float(r[2].sum()) for g, r in solved.items()}
+    groups = pick_groups_by_fit(sse)
+    a, b, _ = solved[groups]
+    return groups, a, b, sse
+
+
+def fit_choice_note(groups: int, sse: dict) -> str:
+    tried = ", ".join(f"G={g}: {e:.3g}" for g, e in sorted(sse.items()))
+    return f"; calibration chose {groups} group(s) by fit (squared error {tried})"
+
+
+class LinearRefit:
+    """Streaming closed-form refit of a linear layer ``o ~ h @ W (+ c)`` against target outputs ``o``: a
+    (K+1)^2 Gram matrix and a (K+1) x M cross matrix in float64, whatever the number of samples."""
+
+    def __init__(self, bias: bool = True) -> None:
+        self.bias = bias
+        self.gram: np.ndarray | None = None
+        self.cross: np.ndarray | None = None
+        self.sum_oo, self.count = 0.0, 0
+
+    def add(self, h: np.ndarray, o: np.ndarray) -> None:
+        h64, o64 = np.asarray(h, np.float64), np.asarray(o, np.float64)
+        if self.bias:
+            h64 = np.hstack([h64, np.ones((len(h64), 1))])
+        gram, cross = h64.T @ h64, h64.T @ o64
+        self.gram = gram if self.gram is None else self.gram + gram
+        self.cross = cross if self.cross is None else self.cross + cross
+        self.sum_oo += float((o64 * o64).sum())
+        self.count += o64.size
+
+    def mse(self, w: np.ndarray) -> float:
+        """Mean squared error of ``[h, 1] @ w`` to the targets seen."""
+        return (self.sum_oo - 2 * float(np.sum(w * self.cross)) + float(np.sum(w * (self.gram @ w)))) / self.count
+
+    def refit(self, current: np.ndarray, ridge: float) -> tuple[np.ndarray | None, float, float]:
+        """``(new, mse before, mse after)``; ``new`` is None when the ridge solution does not lower the error."""
+        new = ridge_solve(self.gram, self.cross, ridge)
+        before, after = self.mse(current), self.mse(new)
+        return (new if after < before else None), before, after
+
+
 def ridge_solve(gram: np.ndarray, cross: np.ndarray, ridge: float) -> np.ndarray:
     """Solve ``(G + ridge * mean(diag G) * I) W = X`` for the closed-form least-squares refit of a linear layer."""
     k = gram.shape[0]

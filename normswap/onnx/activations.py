@@ -29,7 +29,7 @@ def prefix_model(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """The part of ``model`` that computes ``names`` (its outputs, in order): onnxruntime runs every node of a
     session whatever outputs are asked for, so calibration passes that need early layers run a prefix only.
     Linear in the graph; only the initializers the prefix reads are copied."""
-    from .io import _without
+    from .io import without_field
     from .walk import free_names, subgraphs_of
     graph = model.graph
     needed = set(names)
@@ -40,9 +40,9 @@ def prefix_model(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
             needed.update(i for i in node.input if i)
             for sub in subgraphs_of(node):
                 needed |= free_names(sub)
-    out = _without(model, "graph")
+    out = without_field(model, "graph")
     g = out.graph
-    g.CopyFrom(_without(graph, "node"))
+    g.CopyFrom(without_field(graph, "node"))
     del g.initializer[:], g.output[:], g.value_info[:]
     g.node.extend(reversed(keep))
     g.initializer.extend(t for t in graph.initializer if t.name in needed)

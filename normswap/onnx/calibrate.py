@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from ..report import CalibrationReport
-from .._math import AffineFit, channel_normalize, group_normalize, pick_groups_by_fit
+from .._math import AffineFit, channel_normalize, fit_choice_note, group_normalize, solve_candidates
 from ..errors import UsageError
 from .activations import Activations, iter_batches, prefix_model, sample_count
 from .io import load_model
@@ -101,8 +101,7 @@ def _apply_groups(inits: dict[str, onnx.TensorProto], norm: NewNorm, groups: int
     overwrite_initializer(inits[ones], np.ones(groups, np.float32), keep_shape=False)
     overwrite_initializer(inits[zeros], np.zeros(groups, np.float32), keep_shape=False)
     norm.groups = norm.record.groups = groups
-    tried = ", ".join(f"G={g}: {e:.3g}" for g, e in sorted(sse.items()))
-    norm.record.reason += f"; calibration chose {groups} group(s) by fit (squared error {tried})"
+    norm.record.reason += fit_choice_note(groups, sse)
 
 
 def calibrate(reference: onnx.ModelProto | Path, converted: onnx.ModelProto, norms: list[NewNorm],
@@ -152,13 +151,9 @@ def calibrate(reference: onnx.ModelProto | Path, converted: onnx.ModelProto, nor
                 if progress:
                     progress(done, total, f"calibrating level {level}/{len(by_level)}")
             for n in group:
-                solved = {g: fit.solve() for g, fit in fits[n.y].items()}
-                if len(solved) > 1:
-                    sse = {g: float(r[2].sum()) for g, r in solved.items()}
-                    chosen = pick_groups_by_fit(sse)
-                    if chosen != n.groups:
-                        _apply_groups(inits, n, chosen, sse)
-                a, b, _ = solved[n.groups]
+                chosen, a, b, sse = solve_candidates(fits[n.y])
+                if chosen != n.groups:
+                    _apply_groups(inits, n, chosen, sse)
                 overwrite_initializer(inits[n.scale], a)
                 overwrite_initializer(inits[n.shift], b)
                 n.record.calibrated = True

@@ -22,7 +22,6 @@ from . import external
 from .external import tensor_nbytes
 from .walk import iter_graphs, iter_tensors
 
-PROTOBUF_LIMIT = 2**31 - 1
 # Save with external data well below the hard protobuf limit (the serialized size grows with headers).
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 # Tensors at least this large go to the external data file when saving with external data.
@@ -103,7 +102,7 @@ def opset_of(model: onnx.ModelProto, domain: str = "") -> int:
     return 0
 
 
-def _without(message, excluded: str):
+def without_field(message, excluded: str):
     """A copy of ``message`` with every set field except ``excluded`` (no large field is copied)."""
     out = type(message)()
     for field, value in message.ListFields():
@@ -137,7 +136,7 @@ GRAPH_FIELD, INITIALIZER_FIELD, RAW_DATA_FIELD = 7, 5, 9  # ModelProto.graph, Gr
 
 def _payload_header(tensor: onnx.TensorProto) -> onnx.TensorProto:
     """The tensor without its payload: no raw data, no typed data, no external reference."""
-    header = _without(tensor, "raw_data")
+    header = without_field(tensor, "raw_data")
     for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "external_data",
                   "data_location"):
         header.ClearField(field)
@@ -156,8 +155,8 @@ class _Plan:
     def __init__(self, model: onnx.ModelProto, progress=None) -> None:
         self.model, self.progress = model, progress
         graph = model.graph
-        self.model_head = _without(model, "graph").SerializeToString()
-        self.graph_head = _without(graph, "initializer").SerializeToString()
+        self.model_head = without_field(model, "graph").SerializeToString()
+        self.graph_head = without_field(graph, "initializer").SerializeToString()
         self.tensors: list[tuple[onnx.TensorProto, bytes, int]] = []  # (tensor, header, raw length)
         graph_size = len(self.graph_head)
         for tensor in graph.initializer:
@@ -305,8 +304,8 @@ def save_model(model: onnx.ModelProto, dest: str | os.PathLike, external_data: b
             offset += length
 
     write_atomically(dest.parent / data_name, write_data)
-    skeleton = _without(model, "graph")
-    skeleton.graph.CopyFrom(_without(model.graph, "initializer"))
+    skeleton = without_field(model, "graph")
+    skeleton.graph.CopyFrom(without_field(model.graph, "initializer"))
     skeleton.graph.initializer.extend(headers)  # small tensors are copied, large ones are headers only
     write_atomically(dest, lambda f: f.write(skeleton.SerializeToString()))
     return [dest, dest.parent / data_name]

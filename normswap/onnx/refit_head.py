@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .._math import ridge_solve
+from .._math import LinearRefit
 from .external import tensor_array
 from .graph import overwrite_initializer
 from .rules.base import attr, set_attr, site_name
@@ -90,30 +90,16 @@ def _current(model: onnx.ModelProto, head: Head, outputs: int) -> np.ndarray:
 
 def refit_head(model: onnx.ModelProto, head: Head, pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> str:
     """Refit ``head`` in ``model`` (edited in place) from (features, original outputs) batches; returns a note."""
-    gram = cross = None
-    sum_oo, count = 0.0, 0
+    fit = LinearRefit(bias=head.bias is not None)  # no bias to hold the constant column: fit without it
     for h, o in pairs:
         if h.ndim != 2 or o.ndim != 2:
             return f"head {head.name} not refitted: its input or output is not 2-D"
-        h1 = np.hstack([h.astype(np.float64), np.ones((len(h), 1))])
-        o64 = o.astype(np.float64)
-        gram = h1.T @ h1 if gram is None else gram + h1.T @ h1
-        cross = h1.T @ o64 if cross is None else cross + h1.T @ o64
-        sum_oo += float((o64 * o64).sum())
-        count += o64.size
-    if gram is None:
+        fit.add(h, o)
+    if fit.gram is None:
         return f"head {head.name} not refitted: no data"
-    if head.bias is None:  # no bias to hold the constant column: fit without it
-        gram, cross = gram[:-1, :-1], cross[:-1]
-
-    def mse(w: np.ndarray) -> float:
-        return (sum_oo - 2 * float(np.sum(w * cross)) + float(np.sum(w * (gram @ w)))) / count
-
-    current = _current(model, head, cross.shape[1])
-    current = current if head.bias is not None else current[:-1]
-    new = ridge_solve(gram, cross, RIDGE)
-    before, after = mse(current), mse(new)
-    if not after < before:
+    current = _current(model, head, fit.cross.shape[1])
+    new, before, after = fit.refit(current if head.bias is not None else current[:-1], RIDGE)
+    if new is None:
         return f"head {head.name} kept: a refit would not lower the error ({after:.3g} vs {before:.3g})"
     inits = {t.name: t for t in model.graph.initializer}
     weight = new[:-1] if head.bias is not None else new

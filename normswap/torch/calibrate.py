@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._math import AffineFit, pick_groups_by_fit, ridge_solve
+from .._math import AffineFit, LinearRefit, fit_choice_note, solve_candidates
 from ..report import CalibrationReport
 from .convert import NewLayer
 from .data import Batches
@@ -104,23 +104,22 @@ def calibrate(original: nn.Module, converted: nn.Module, layers: list[NewLayer],
                 if progress:
                     progress(done, total, f"calibrating level {level}/{len(levels)}")
             for g in group:
-                solved = {c: fit.solve() for c, fit in fits[id(g)].items()}
-                if len(solved) > 1:
-                    sse = {c: float(r[2].sum()) for c, r in solved.items()}
-                    chosen = pick_groups_by_fit(sse)
-                    if chosen != g.groups:
-                        g.module.num_groups = g.groups = g.record.groups = chosen
-                        tried = ", ".join(f"G={c}: {e:.3g}" for c, e in sorted(sse.items()))
-                        g.record.reason += f"; calibration chose {chosen} group(s) by fit (squared error {tried})"
-                a, b, _ = solved[g.groups]
+                chosen, a, b, sse = solve_candidates(fits[id(g)])
+                if chosen != g.groups:
+                    g.module.num_groups = g.groups = g.record.groups = chosen
+                    g.record.reason += fit_choice_note(chosen, sse)
                 g.module.weight.copy_(torch.as_tensor(a, dtype=g.module.weight.dtype))
                 g.module.bias.copy_(torch.as_tensor(b, dtype=g.module.bias.dtype))
                 g.record.calibrated = True
                 report.layers_changed.append(g.record.name)
             report.passes += 1
         if head is not None:
-            note = _refit_head(original, converted, head, data, lambda: progress and progress(done + 1, total,
-                                                                                             "refitting the output layer"))
+            def tick() -> None:
+                nonlocal done
+                done += 1
+                if progress:
+                    progress(done, total, "refitting the output layer")
+            note = _refit_head(original, converted, head, data, tick)
             report.passes += 1
             report.notes.append(note)
             if note.startswith("refitted"):
@@ -133,8 +132,7 @@ def calibrate(original: nn.Module, converted: nn.Module, layers: list[NewLayer],
 def _refit_head(original: nn.Module, converted: nn.Module, head: str, data: Batches, tick) -> str:
     """Ridge least squares of the output Linear on the converted features against the original outputs."""
     linear = converted.get_submodule(head)
-    gram = cross = None
-    sum_oo, count = 0.0, 0
+    fit = LinearRefit(bias=True)
     for batch in data:
         with _capturing([(linear, "h")]) as seen:
             converted(*batch)
@@ -142,21 +140,12 @@ def _refit_head(original: nn.Module, converted: nn.Module, head: str, data: Batc
         o = _output(original(*batch)).detach().double().cpu().numpy()
         if h.ndim != 2 or o.ndim != 2:
             return f"output layer {head} not refitted: its input or output is not 2-D"
-        h1 = np.hstack([h, np.ones((len(h), 1))])
-        gram = h1.T @ h1 if gram is None else gram + h1.T @ h1
-        cross = h1.T @ o if cross is None else cross + h1.T @ o
-        sum_oo += float((o * o).sum())
-        count += o.size
+        fit.add(h, o)
         tick()
     w = linear.weight.detach().double().cpu().numpy().T
     b = linear.bias.detach().double().cpu().numpy() if linear.bias is not None else np.zeros(w.shape[1])
-    current = np.vstack([w, b[None]])
-    new = ridge_solve(gram, cross, HEAD_RIDGE)
-
-    def mse(m: np.ndarray) -> float:
-        return (sum_oo - 2 * float(np.sum(m * cross)) + float(np.sum(m * (gram @ m)))) / count
-    before, after = mse(current), mse(new)
-    if not after < before:
+    new, before, after = fit.refit(np.vstack([w, b[None]]), HEAD_RIDGE)
+    if new is None:
         return f"output layer {head} kept: a refit would not lower the error ({after:.3g} vs {before:.3g})"
     linear.weight.copy_(torch.as_tensor(new[:-1].T, dtype=linear.weight.dtype))
     if linear.bias is None:
@@ -170,8 +159,9 @@ def _mean_loss(original: nn.Module, converted: nn.Module, data: Batches) -> floa
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in data:
-            total += float(F.mse_loss(_output(converted(*batch)), _output(original(*batch)), reduction="sum"))
-            count += _output(original(*batch)).numel()
+            target = _output(original(*batch))
+            total += float(F.mse_loss(_output(converted(*batch)), target, reduction="sum"))
+            count += target.numel()
     return total / max(count, 1)
 
 
