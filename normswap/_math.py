@@ -148,41 +148,93 @@ def channel_normalize(x: np.ndarray, eps: float) -> np.ndarray:
     return d / np.sqrt((d * d).mean(axis=1, keepdims=True) + eps)
 
 
+CONSTANT_CHANNEL = 1e-6
+"""A channel whose normalized input or target varies by less than this fraction of its mean square is constant
+to float32 precision (the sums may come from float32 reductions): its fit is ``a = 0``, ``b = mean(y)``."""
+
+
 class AffineFit:
     """Streaming per-channel least squares ``y ~ a * z + b`` over batches of (N, C, ...) arrays, in float64.
 
     Holds five sums per channel, so memory does not depend on how much data is seen.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, center: np.ndarray | None = None) -> None:
         self.n = np.zeros(channels)
         self.sz = np.zeros(channels)
         self.szz = np.zeros(channels)
         self.sy = np.zeros(channels)
         self.syy = np.zeros(channels)
         self.szy = np.zeros(channels)
+        self.center = np.zeros(channels) if center is None else np.asarray(center, np.float64).reshape(channels)
 
     def add(self, z: np.ndarray, y: np.ndarray) -> None:
+        """Add a batch of normalized inputs ``z`` and targets ``y`` (N, C, ...)."""
         axes = (0,) + tuple(range(2, np.ndim(z)))
-        z64, y64 = np.asarray(z, np.float64), np.asarray(y, np.float64)
-        self.n += z64.size // z64.shape[1]
-        self.sz += z64.sum(axes)
-        self.szz += (z64 * z64).sum(axes)
-        self.sy += y64.sum(axes)
-        self.syy += (y64 * y64).sum(axes)
-        self.szy += (z64 * y64).sum(axes)
+        z64 = np.asarray(z, np.float64)
+        y64 = np.asarray(y, np.float64) - self.center.reshape((1, -1) + (1,) * (np.ndim(z) - 2))
+        self.add_sums(z64.size // z64.shape[1], z64.sum(axes), (z64 * z64).sum(axes), y64.sum(axes),
+                      (y64 * y64).sum(axes), (z64 * y64).sum(axes))
+
+    def add_sums(self, count: int, sz, szz, sy, syy, szy) -> None:
+        """Add sums computed elsewhere (per channel, over ``count`` values each; ``y`` already minus the
+        centre)."""
+        self.n += count
+        self.sz += sz
+        self.szz += szz
+        self.sy += sy
+        self.syy += syy
+        self.szy += szy
 
     def solve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(a, b, sse)`` per channel. A channel whose z does not vary gets ``a = 0`` and ``b = mean(y)``."""
+        """``(a, b, sse)`` per channel. A channel whose z or y does not vary (``CONSTANT_CHANNEL``) gets ``a = 0``
+        and ``b = mean(y)``.
+        Sums are over ``y - center`` (exact algebra, better conditioned); ``b`` is shifted back."""
         n = np.maximum(self.n, 1)
         mz, my = self.sz / n, self.sy / n
         var_z = self.szz / n - mz * mz
         cov = self.szy / n - mz * my
-        ok = var_z > 1e-12 * np.maximum(self.szz / n, 1e-30)
+        var_y = self.syy / n - my * my
+        ok = (var_z > CONSTANT_CHANNEL * np.maximum(self.szz / n, 1e-30)) & (
+            var_y > CONSTANT_CHANNEL * np.maximum(self.syy / n, 1e-30))
         a = np.where(ok, cov / np.where(ok, var_z, 1), 0.0)
         b = my - a * mz
         sse = self.syy - 2 * a * self.szy - 2 * b * self.sy + a * a * self.szz + 2 * a * b * self.sz + b * b * n
-        return a, b, np.maximum(sse, 0.0)
+        return a, b + self.center, np.maximum(sse, 0.0)
+
+
+def group_fit_sums(sx: np.ndarray, sxx: np.ndarray, sxy: np.ndarray, sy: np.ndarray, syy: np.ndarray,
+                   positions: int, groups: int, eps: float, x_center: np.ndarray | None = None,
+                   precision: float = 1e-12) -> tuple[np.ndarray, ...]:
+    """Per-channel sums of ``z, z^2, y, y^2, z*y`` over samples and positions, for ``z = GroupNorm(x, groups)``
+    without affine, from per-sample, per-channel moments of ``x`` over ``positions`` positions (all (N, C)):
+    ``sx = sum x``, ``sxx = sum x^2``, ``sxy = sum x*y``, ``sy = sum y``, ``syy = sum y^2``.
+
+    In a group of ``k`` channels, ``z = (x - m) * r`` with ``m`` the group mean and ``r = 1 / sqrt(v + eps)``
+    (``v`` the population variance over the group's ``k * positions`` values), so per channel
+    ``sum z = r (sx - P m)``, ``sum z^2 = r^2 (sxx - 2 m sx + P m^2)``, ``sum z y = r (sxy - m sy)``. Exact
+    algebra, in float64. When the moments were taken of ``x - x_center`` (a per-channel shift, so float32 sums
+    do not cancel), they are first shifted back exactly: ``sum x = sx + P c``, ``sum x^2 = sxx + 2 c sx + P c^2``,
+    ``sum x y = sxy + c sy``. ``precision``: the relative precision of the given sums (float32 reductions:
+    ``CONSTANT_CHANNEL``); a group whose variance within a sample is below that fraction of its mean square as
+    given is constant there, and its z is 0 exactly (default: float64 sums)."""
+    sx, sxx, sxy, sy, syy = (np.asarray(a, np.float64) for a in (sx, sxx, sxy, sy, syy))
+    n, c = sx.shape
+    k = c // groups
+    count = positions * k
+    resolution = precision * sxx.reshape(n, groups, k).sum(2) / count  # what the given sums resolve
+    if x_center is not None:
+        shift = np.asarray(x_center, np.float64).reshape(1, -1)
+        sx, sxx, sxy = sx + positions * shift, sxx + 2 * shift * sx + positions * shift * shift, sxy + shift * sy
+    mean = sx.reshape(n, groups, k).sum(2) / count
+    var = np.maximum(sxx.reshape(n, groups, k).sum(2) / count - mean * mean, 0.0)
+    constant = var <= resolution  # a group constant within a sample normalizes to z = 0 exactly
+    m = np.repeat(mean, k, axis=1)
+    r = np.repeat(np.where(constant, 0.0, 1.0 / np.sqrt(var + eps)), k, axis=1)
+    sz = (r * (sx - positions * m)).sum(0)
+    szz = (r * r * (sxx - 2 * m * sx + positions * m * m)).sum(0)
+    szy = (r * (sxy - m * sy)).sum(0)
+    return sz, szz, sy.sum(0), syy.sum(0), szy
 
 
 def solve_candidates(fits: dict) -> tuple[int | None, np.ndarray, np.ndarray, dict | None]:
@@ -239,3 +291,45 @@ def ridge_solve(gram: np.ndarray, cross: np.ndarray, ridge: float) -> np.ndarray
     k = gram.shape[0]
     lam = ridge * max(float(np.trace(gram)) / k, 1e-12)
     return np.linalg.solve(gram + lam * np.eye(k), cross)
+
+
+MOMENTS = ("sx", "sxx", "sxy", "sy", "syy")
+"""Per-sample, per-channel sums a GroupNorm candidate's fit is derived from (``group_fit_sums``)."""
+Z_SUMS = ("sz", "szz", "sy", "syy", "szy")
+"""Per-sample, per-channel sums of an explicitly normalized ``z`` (LayerNorm over channels)."""
+
+
+class CandidateSums:
+    """One layer's per-sample sums over the calibration data ((samples, C) each: small, from float32
+    reductions), solved for every candidate group count at once when the data has been seen. ``y_center`` /
+    ``x_center``: the per-channel shifts the sums were taken after (``AffineFit`` and ``group_fit_sums`` undo
+    them exactly)."""
+
+    def __init__(self, norm, candidates: tuple[int | None, ...], y_center: np.ndarray, x_center: np.ndarray,
+                 channels: int, eps: float) -> None:
+        self.norm, self.candidates = norm, candidates
+        self.y_center, self.x_center, self.channels, self.eps = y_center, x_center, channels, eps
+        self.rows: dict[str, list[np.ndarray]] = {}
+        self.count = 0
+        self.positions = 1
+
+    def add(self, rows: int, positions: int, sums: dict) -> None:
+        """Add the first ``rows`` rows of one batch's (N, C) sums, each over ``positions`` positions."""
+        self.positions = positions
+        self.count += rows * positions
+        for k, v in sums.items():
+            self.rows.setdefault(k, []).append(np.asarray(v)[:rows])
+
+    def fits(self) -> dict[int | None, AffineFit]:
+        got = {k: np.concatenate(v).astype(np.float64) for k, v in self.rows.items()}
+        out = {}
+        for groups in self.candidates:
+            fit = out[groups] = AffineFit(self.channels, self.y_center)
+            if not got:
+                continue
+            if groups is None:
+                fit.add_sums(self.count, *(got[k].sum(0) for k in Z_SUMS))
+            else:
+                fit.add_sums(self.count, *group_fit_sums(*(got[k] for k in MOMENTS), self.positions, groups,
+                                                         self.eps, self.x_center, CONSTANT_CHANNEL))
+        return out

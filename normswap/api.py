@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 
 from .errors import UnsupportedError, UsageError, ValidationFailedError
+from .activation_store import DEFAULT_MEMORY_BUDGET
+from .progress import auto_progress
 from .report import ConversionReport, InspectReport, ValidationReport
 from .targets import DEFAULT_GROUPS, LAYER_OVER, REPLACEMENT_TARGETS, TARGET_NAMES, ReplaceOptions, get_target
 from .validate.compare import DEFAULT_ATOL, DEFAULT_RTOL
@@ -100,11 +102,13 @@ def _shape_probe(reference: onnx.ModelProto | Path, calibration: Mapping[str, np
                  input_shapes, seed: int, provider: str):
     """A function that runs the original model once to read concrete shapes of the named values."""
     def probe(names: list[str]) -> dict[str, tuple[int, ...]]:
-        from .onnx.activations import Activations, iter_batches
+        from .onnx.activations import Activations
+        from .onnx.batching import fixed_layout, iter_layout
         from .validate.inputs import random_inputs
         from .validate.providers import select_providers
         model = reference if isinstance(reference, onnx.ModelProto) else _load(reference, copy=False)[0]
-        feeds = next(iter_batches(calibration, 2)) if calibration else random_inputs(model, input_shapes, seed)
+        feeds = (next(iter_layout(calibration, fixed_layout(model, calibration, 2)))[0] if calibration
+                 else random_inputs(model, input_shapes, seed))
         with tempfile.TemporaryDirectory(prefix="normswap-probe-") as workdir:
             run = Activations(model, names, select_providers(provider).providers, workdir, "reference")
             return {k: tuple(v.shape) for k, v in run.run(feeds, names).items()}
@@ -117,24 +121,33 @@ def _is_torch_module(model) -> bool:
     return torch is not None and isinstance(model, torch.nn.Module)
 
 
+@auto_progress
 def convert(model, to: str = "fold", *, groups: int = DEFAULT_GROUPS, group_size: int | None = None,
             layer_over: str = "all", calibration=None, refit_output_layer: bool = True,
             choose_groups: bool = True, distill_steps: int = 0, example_inputs=None,
-            calibration_batch_size: int = CALIBRATION_BATCH, keep_unfoldable: bool = False, validate: bool = True,
+            calibration_batch_size: int = CALIBRATION_BATCH, calibration_memory: int = DEFAULT_MEMORY_BUDGET,
+            keep_unfoldable: bool = False, validate: bool = True,
             provider: str = "auto", inputs: Inputs = None, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
             atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, seed: int = 0, min_cosine: float | None = None,
-            min_agreement: float | None = None, opset: int | None = None, progress: Progress | None = None):
+            min_agreement: float | None = None, opset: int | None = None,
+            progress: Progress | bool | None = None):
     """Convert every BatchNorm of an ONNX model (path or ``onnx.ModelProto``) or a ``torch.nn.Module`` for
     target ``to`` and (by default) validate the result against the original in ONNX Runtime: exact targets within
     atol / rtol, replacement targets for fidelity (gated by ``min_cosine`` / ``min_agreement`` when given).
     ``calibration`` (unlabeled samples; ONNX: an .npz path or a mapping of input name to array; torch: a tensor,
     a tuple of tensors or an iterable of batches) refits the new layers so the network keeps its function;
-    ``distill_steps`` (torch) then trains their scale and shift to match the original outputs. Validation failure
-    is recorded in the report, not raised. Returns a ``ConversionResult`` (ONNX) or ``TorchConversionResult``."""
+    ``distill_steps`` (torch) then trains their scale and shift to match the original outputs. Calibration runs
+    each model once, segment by segment, keeping activations in memory up to ``calibration_memory`` bytes (a
+    quarter of RAM by default) and on disk beyond. Validation failure
+    is recorded in the report, not raised. ``progress``: None draws a bar on stderr when it is a terminal, False
+    draws none, a callable receives ``(done, total, label)``. Returns a ``ConversionResult`` (ONNX) or
+    ``TorchConversionResult``."""
     _check_options(to, groups, group_size, layer_over, atol, rtol, min_cosine, min_agreement,
                    calibration_batch_size)
     if distill_steps < 0:
         raise UsageError("distill_steps must not be negative")
+    if calibration_memory < 0:
+        raise UsageError("calibration_memory must not be negative (bytes of activations kept in memory)")
     if _is_torch_module(model):
         from .torch.api import convert_torch
         if opset is not None:
@@ -143,7 +156,8 @@ def convert(model, to: str = "fold", *, groups: int = DEFAULT_GROUPS, group_size
                                                                layer_over=layer_over),
                              calibration=calibration, example_inputs=example_inputs,
                              refit_output_layer=refit_output_layer, choose_groups=choose_groups,
-                             calibration_batch_size=calibration_batch_size, distill_steps=distill_steps,
+                             calibration_batch_size=calibration_batch_size,
+                             calibration_memory=calibration_memory, distill_steps=distill_steps,
                              keep_unfoldable=keep_unfoldable, validate=validate, provider=provider, inputs=inputs,
                              atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement,
                              progress=progress)
@@ -184,7 +198,7 @@ def convert(model, to: str = "fold", *, groups: int = DEFAULT_GROUPS, group_size
                                            select_providers(provider).providers,
                                            batch_size=calibration_batch_size,
                                            refit_output_layer=refit_output_layer, choose_groups=choose_groups,
-                                           progress=progress)
+                                           memory_budget=calibration_memory, progress=progress)
             notes.extend(report.calibration.notes)
         else:
             report.function_preserved = False

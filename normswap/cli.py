@@ -5,9 +5,7 @@ Exit codes: 0 ok, 1 validation failed, 2 usage error, 3 invalid or unsafe input,
 """
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
@@ -130,8 +128,17 @@ def _print_conversion(r: ConversionReport) -> None:
     click.echo(f"{len(r.layers)} BatchNorm site(s): {summary or 'none'}; {unit} {r.nodes_before} -> {r.nodes_after}")
     if r.calibration is not None:
         c = r.calibration
-        click.echo(f"calibration: {c.samples} samples, {c.passes} passes, {c.seconds:.2f} s; "
-                   f"{len(c.layers_changed)} layer(s) changed" + (f" (output layer {c.head} refitted)" if c.head else ""))
+        how = (f"{c.segments} segments, each model run once" if c.segments else
+               f"{c.passes} passes (level by level)")
+        click.echo(f"calibration: {c.samples} samples, {how}, {c.seconds:.2f} s; {len(c.layers_changed)} layer(s) "
+                   "changed" + (f" (output layer {c.head} refitted)" if c.head else ""))
+        if c.segments:
+            spilled = f", {_bytes(c.spilled_bytes)} on disk" if c.spilled_bytes else ""
+            click.echo(f"calibration memory: activations kept in {c.activations} ({_bytes(c.peak_activation_bytes)} "
+                       f"in memory at most, budget {_bytes(c.memory_budget)}{spilled}); process peak "
+                       f"{_bytes(c.peak_rss_bytes)}")
+        if c.batch_layout:
+            click.echo(f"calibration batches: {c.batch_layout}")
     for note in r.notes:
         click.echo(f"note: {note}")
     if not r.function_preserved:
@@ -141,29 +148,36 @@ def _print_conversion(r: ConversionReport) -> None:
         _print_validation(r.validation)
 
 
-@contextlib.contextmanager
-def _progress(quiet: bool) -> Iterator[Callable[[int, int, str], None] | None]:
+def _progress(quiet: bool):
     """A progress callback drawing a bar on stderr when it is a terminal; None when quiet or piped."""
-    if quiet or not sys.stderr.isatty():
-        yield None
-        return
-    bar = None
+    from .progress import terminal_progress
+    return terminal_progress(quiet)
 
-    def update(done: int, total: int, label: str) -> None:
-        nonlocal bar
-        if bar is not None and (bar.length != total or done < bar.pos):  # a new stage: a new bar
-            bar.__exit__(None, None, None)
-            bar = None
-        if bar is None:
-            bar = click.progressbar(length=total, label=label, file=sys.stderr)
-            bar.__enter__()
-        bar.label = label
-        bar.update(done - bar.pos)
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str | None) -> int:
+    """``--calibration-memory``: bytes from '2G', '512M', '1.5GiB', '100000' (None: the default budget)."""
+    from .activation_store import DEFAULT_MEMORY_BUDGET
+    if text is None:
+        return DEFAULT_MEMORY_BUDGET
+    raw = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = raw[-1] if raw and raw[-1] in _UNITS else ""
     try:
-        yield update
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
+        value = float(raw[:-1] if unit else raw)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise UsageError(f"--calibration-memory '{text}' is not a size such as 2G, 512M or 100000 (bytes)")
+    return int(value * _UNITS[unit])
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def _default_output(model: Path, target: str) -> Path:
@@ -247,7 +261,10 @@ def inspect(model: str | None, torch_model: str | None, weights: str | None, as_
 @click.option("--fixed-groups", is_flag=True,
               help="--to group with --calibrate: keep each layer's group count instead of choosing it by fit.")
 @click.option("--calibration-batch-size", type=int, default=CALIBRATION_BATCH, show_default=True,
-              help="Samples per calibration batch (memory is bounded by one batch).")
+              help="Samples per calibration run (a fixed-batch model is fed its own batch when it must be).")
+@click.option("--calibration-memory", type=str, default=None, metavar="SIZE",
+              help="Activations calibration keeps in memory between segments (e.g. 2G, 512M); beyond it they go "
+                   "to disk. Default: a quarter of RAM.")
 @click.option("--opset", type=int, default=None, help="Upgrade the model to this opset first (never silently).")
 @click.option("--min-cosine", type=float, default=None,
               help="Non-exact targets: fail (exit 1) when an output's cosine similarity is below this.")
@@ -261,7 +278,8 @@ def inspect(model: str | None, torch_model: str | None, weights: str | None, as_
 def convert(model: str | None, torch_model: str | None, weights: str | None, export_onnx: str | None,
             distill_steps: int, target: str, output: str | None, in_place: bool, keep_unfoldable: bool, groups: int,
             group_size: int | None, layer_over: str, calibration: str | None, calibrate_norms_only: bool,
-            fixed_groups: bool, calibration_batch_size: int, opset: int | None, min_cosine: float | None,
+            fixed_groups: bool, calibration_batch_size: int, calibration_memory: str | None, opset: int | None,
+            min_cosine: float | None,
             min_agreement: float | None, quiet: bool, validate: bool, keep_invalid: bool, provider: str,
             inputs: str | None, input_shapes: tuple[str, ...], atol: float, rtol: float, seed: int,
             report_path: str | None) -> None:
@@ -270,10 +288,12 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
     from .api import convert as convert_model
     from .onnx.io import same_file
     _model_source(model, torch_model)
+    memory = _size(calibration_memory)
     if torch_model:
         return _convert_torch(torch_model, weights, export_onnx, distill_steps, target, output, keep_unfoldable,
                               groups, group_size, layer_over, calibration, calibrate_norms_only, fixed_groups,
-                              calibration_batch_size, min_cosine, min_agreement, quiet, validate, keep_invalid,
+                              calibration_batch_size, memory, min_cosine, min_agreement, quiet, validate,
+                              keep_invalid,
                               provider, inputs, input_shapes, atol, rtol, seed, report_path)
     if export_onnx or distill_steps or weights:
         raise UsageError("--export-onnx, --distill-steps and --weights apply to --torch-model")
@@ -287,7 +307,7 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
         result = convert_model(model, target, groups=groups, group_size=group_size, layer_over=layer_over,
                                calibration=calibration, refit_output_layer=not calibrate_norms_only,
                                choose_groups=not fixed_groups, calibration_batch_size=calibration_batch_size,
-                               keep_unfoldable=keep_unfoldable, validate=validate, provider=provider, inputs=inputs,
+                               calibration_memory=memory, keep_unfoldable=keep_unfoldable, validate=validate, provider=provider, inputs=inputs,
                                input_shapes=shapes, atol=atol, rtol=rtol, seed=seed, min_cosine=min_cosine,
                                min_agreement=min_agreement, opset=opset, progress=progress)
     report = result.report
@@ -331,9 +351,9 @@ def _torch_args(module, shapes: dict[str, tuple[int, ...]], npz: str | None, see
 
 
 def _convert_torch(spec, weights, export_onnx, distill_steps, target, output, keep_unfoldable, groups, group_size,
-                   layer_over, calibration, calibrate_norms_only, fixed_groups, calibration_batch_size, min_cosine,
-                   min_agreement, quiet, validate, keep_invalid, provider, inputs, input_shapes, atol, rtol, seed,
-                   report_path) -> None:
+                   layer_over, calibration, calibrate_norms_only, fixed_groups, calibration_batch_size, memory,
+                   min_cosine, min_agreement, quiet, validate, keep_invalid, provider, inputs, input_shapes, atol,
+                   rtol, seed, report_path) -> None:
     from .api import convert as convert_model
     module = _torch_module(spec, weights)
     shapes = _shapes(input_shapes)
@@ -348,7 +368,7 @@ def _convert_torch(spec, weights, export_onnx, distill_steps, target, output, ke
         result = convert_model(module, target, groups=groups, group_size=group_size, layer_over=layer_over,
                                calibration=calib, refit_output_layer=not calibrate_norms_only,
                                choose_groups=not fixed_groups, calibration_batch_size=calibration_batch_size,
-                               distill_steps=distill_steps, example_inputs=example if example is not None else held,
+                               calibration_memory=memory, distill_steps=distill_steps, example_inputs=example if example is not None else held,
                                keep_unfoldable=keep_unfoldable, validate=validate, provider=provider, inputs=held,
                                atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement,
                                progress=progress)

@@ -100,12 +100,19 @@ class CalibrationReport:
 
     samples: int
     batch_size: int
-    passes: int
+    passes: int  # runs of each model over the data (1 when run segment by segment)
     seconds: float
     scope: str  # "all": new norm layers and the output layer; "norms": new norm layers only
     layers_changed: list[str] = field(default_factory=list)
     head: str | None = None
     notes: list[str] = field(default_factory=list)
+    segments: int = 0  # the models were run segment by segment, each node once per sample
+    batch_layout: str = ""  # how the data was fed (the model's own batch, or a freed batch dimension)
+    memory_budget: int = 0  # bytes of activations kept in memory before spilling to disk
+    peak_activation_bytes: int = 0  # activations kept in memory between segments, at most
+    spilled_bytes: int = 0  # activations kept on disk, at most
+    activations: str = ""  # where activations lived: "memory", "memory and disk", "cuda memory", ...
+    peak_rss_bytes: int = 0  # the process's peak resident memory when calibration ended
 
 
 @dataclass

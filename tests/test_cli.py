@@ -147,13 +147,18 @@ def test_group_with_calibration_and_gates(tmp_path):
     np.savez(tmp_path / "calib.npz", x=x[:200])
     np.savez(tmp_path / "held.npz", x=x[200:])
     r = cli("convert", "digits_resnet.onnx", "--to", "group", "--groups", "32", "--calibrate", "calib.npz",
-            "--inputs", "held.npz", "--min-agreement", "0.97", "--report", "r.json", cwd=tmp_path)
+            "--inputs", "held.npz", "--min-agreement", "0.97", "--report", "r.json", "--calibration-memory", "1M",
+            cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "calibration: 200 samples" in r.stdout and "fidelity" in r.stdout
+    assert "calibration: 200 samples, 7 segments, each model run once" in r.stdout and "fidelity" in r.stdout
+    assert "activations kept in memory and disk" in r.stdout and "budget 1.0 MiB" in r.stdout
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["target"] == "group" and report["exact"] is False and report["function_preserved"] is True
     assert all(layer["groups"] and layer["calibrated"] and layer["drift_cosine"] for layer in report["layers"])
     assert report["calibration"]["layers_changed"] and report["validation"]["check"] == "fidelity"
+    calibration = report["calibration"]
+    assert calibration["segments"] == 7 and calibration["passes"] == 1 and calibration["memory_budget"] == 1 << 20
+    assert calibration["spilled_bytes"] > 0 and calibration["batch_layout"] == "batches of 64"
     assert (tmp_path / "digits_resnet.group.onnx").exists()
     r = cli("convert", "digits_resnet.onnx", "--to", "instance", "--inputs", "held.npz", "--min-cosine", "0.99",
             cwd=tmp_path)
@@ -175,3 +180,9 @@ def test_validate_fidelity_check_and_gate(model_path, tmp_path):
     assert r.returncode == 0 and "fidelity, no gate" in r.stdout
     r = cli("validate", model_path, other, "--check", "fidelity", "--min-cosine", "0.9999")
     assert r.returncode == 1 and "FAIL" in r.stdout
+
+
+@pytest.mark.parametrize("size", ["lots", "-1G", "G"])
+def test_a_calibration_memory_that_is_not_a_size_exits_2(model_path, size):
+    r = cli("convert", model_path, "--to", "group", "--calibration-memory", size)
+    assert r.returncode == 2 and f"--calibration-memory '{size}'" in r.stderr and len(r.stderr.splitlines()) == 1

@@ -212,3 +212,44 @@ def test_ridge_solve_is_least_squares_for_small_ridge():
     h = rng.standard_normal((50, 3))
     w = rng.standard_normal((3, 2))
     np.testing.assert_allclose(ridge_solve(h.T @ h, h.T @ (h @ w), 1e-12), w, rtol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), groups_log=st.integers(0, 3), spatial=st.integers(1, 6),
+       offset=st.floats(-100, 100), centred=st.booleans())
+def test_group_fit_sums_equal_sums_of_the_normalized_input(seed, groups_log, spatial, offset, centred):
+    """The moment algebra gives the same fit sums as normalizing x explicitly (float64), for every group
+    count, with or without a per-channel shift taken before the moments."""
+    from normswap._math import AffineFit, group_fit_sums, group_normalize
+    rng = np.random.default_rng(seed)
+    c, groups = 8, 2 ** groups_log
+    x = rng.standard_normal((5, c, spatial, spatial)) * rng.uniform(0.1, 3, (1, c, 1, 1)) + offset
+    y = rng.standard_normal((5, c, spatial, spatial)) + x
+    direct = AffineFit(c)
+    direct.add(group_normalize(x, groups, 1e-5), y)
+    shift = rng.uniform(-100, 100, c) if centred else np.zeros(c)
+    xr = x.reshape(5, c, -1) - shift[None, :, None]
+    yr = y.reshape(5, c, -1)
+    moments = AffineFit(c)
+    moments.add_sums(5 * spatial * spatial, *group_fit_sums(xr.sum(2), (xr * xr).sum(2), (xr * yr).sum(2),
+                                                            yr.sum(2), (yr * yr).sum(2), spatial * spatial, groups,
+                                                            1e-5, shift if centred else None))
+    for a, b, rtol in zip(direct.solve(), moments.solve(), (1e-6, 1e-6, 1e-4)):  # (a, b, sse: cancels more)
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * max(1.0, float(np.abs(a).max())))
+
+
+def test_a_group_constant_within_each_sample_normalizes_to_zero():
+    from normswap._math import group_fit_sums
+    x = np.repeat(np.arange(1.0, 4.0)[:, None, None], 4, axis=2).reshape(3, 1, 4) * np.ones((3, 2, 4))
+    y = np.random.default_rng(0).standard_normal((3, 2, 4))
+    shift = np.full(2, 0.3)  # the moments of x - 0.3, as calibration takes them, sum x^2 off by float32 rounding
+    xc = x - 0.3
+    sums = (xc.sum(2), (xc * xc).sum(2) * (1 + 1e-7), (xc * y).sum(2), y.sum(2), (y * y).sum(2))
+    sz, szz, _, _, szy = group_fit_sums(*sums, 4, 1, 1e-5, shift, precision=1e-6)
+    assert not sz.any() and not szz.any() and not szy.any()
+    noisy = group_fit_sums(*sums, 4, 1, 1e-5, shift)  # exact sums assumed: the rounding is normalized up as signal
+    assert noisy[1].max() > 1e-3
+    varied = x + np.random.default_rng(1).standard_normal(x.shape)  # not constant: z carries the signal
+    sz, szz, _, _, _ = group_fit_sums(varied.sum(2), (varied * varied).sum(2), (varied * y).sum(2), y.sum(2),
+                                      (y * y).sum(2), 4, 1, 1e-5)
+    assert szz.min() > 1

@@ -2,53 +2,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import onnx
-
-
-def sample_count(data: Mapping[str, np.ndarray]) -> int | None:
-    """Samples in ``data`` when every array has the same first dimension, else None (not batchable)."""
-    counts = {len(v) if np.ndim(v) else -1 for v in data.values()}
-    return counts.pop() if len(counts) == 1 and -1 not in counts else None
-
-
-def iter_batches(data: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Slices of every array along axis 0; the whole data at once when the arrays do not share axis 0."""
-    count = sample_count(data)
-    if count is None:
-        yield dict(data)
-        return
-    for start in range(0, count, batch_size):
-        yield {k: v[start:start + batch_size] for k, v in data.items()}
-
-
-def prefix_model(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """The part of ``model`` that computes ``names`` (its outputs, in order): onnxruntime runs every node of a
-    session whatever outputs are asked for, so calibration passes that need early layers run a prefix only.
-    Linear in the graph; only the initializers the prefix reads are copied."""
-    from .io import without_field
-    from .walk import free_names, subgraphs_of
-    graph = model.graph
-    needed = set(names)
-    keep = []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-            for sub in subgraphs_of(node):
-                needed |= free_names(sub)
-    out = without_field(model, "graph")
-    g = out.graph
-    g.CopyFrom(without_field(graph, "node"))
-    del g.initializer[:], g.output[:], g.value_info[:]
-    g.node.extend(reversed(keep))
-    g.initializer.extend(t for t in graph.initializer if t.name in needed)
-    inputs = {i.name for i in graph.input}
-    g.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in inputs)
-    return out
 
 
 class Activations:

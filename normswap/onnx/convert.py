@@ -41,6 +41,7 @@ class NewNorm:
     graph: str
     group_candidates: tuple[int, ...] = ()
     group_consts: tuple[str, str, str] | None = None
+    elem_type: int = onnx.TensorProto.FLOAT  # of the layer's input and output
 
 
 @dataclass
@@ -90,7 +91,8 @@ class _SiteConverter:
         if action == "converted" and done.scale is not None:
             self.out.new_norms.append(NewNorm(record, site.x, site.y, site.channels, done.groups, site.eps,
                                               done.scale, done.shift, site.graph.path, done.group_candidates,
-                                              done.group_consts))
+                                              done.group_consts, site.x_type.elem_type if site.x_type and
+                                              site.x_type.elem_type else onnx.TensorProto.FLOAT))
         return record
 
     def _first_match(self, rules: tuple[Rule, ...], site: BnSite) -> tuple[Rule, object] | str | None:

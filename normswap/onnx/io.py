@@ -102,11 +102,11 @@ def opset_of(model: onnx.ModelProto, domain: str = "") -> int:
     return 0
 
 
-def without_field(message, excluded: str):
-    """A copy of ``message`` with every set field except ``excluded`` (no large field is copied)."""
+def without_field(message, *excluded: str):
+    """A copy of ``message`` with every set field except the ``excluded`` ones (no large field is copied)."""
     out = type(message)()
     for field, value in message.ListFields():
-        if field.name == excluded:
+        if field.name in excluded:
             continue
         if field.is_repeated:
             getattr(out, field.name).extend(value)
@@ -191,7 +191,14 @@ class _Plan:
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:
-    """Whether the model is too large for one protobuf (measured without serializing the weights)."""
+    """Whether the model is too large for one protobuf (measured without serializing the weights). Models whose
+    payloads and nodes add up to well under the limit are answered without planning the write."""
+    payload = 0
+    for tensor in model.graph.initializer:
+        length = external.payload_length(tensor)
+        payload += length if length is not None else tensor.ByteSize()
+    if payload + sum(n.ByteSize() for n in model.graph.node) < EXTERNAL_DATA_THRESHOLD // 2:
+        return False
     return _Plan(model).size > EXTERNAL_DATA_THRESHOLD
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from ..errors import OutputError, UsageError, ValidationFailedError
 from ..report import ConversionReport
 from ..targets import REPLACEMENT_TARGETS, ReplaceOptions, get_target
-from .calibrate import calibrate, distill
+from .calibrate import calibrate, distill, module_device
 from .convert import convert_module
 from .data import Batches, as_args, positional_arity
 from .sites import coupling_report
@@ -69,13 +69,15 @@ class TorchConversionResult:
 
 
 def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibration, example_inputs,
-                  refit_output_layer: bool, choose_groups: bool, calibration_batch_size: int, distill_steps: int,
+                  refit_output_layer: bool, choose_groups: bool, calibration_batch_size: int,
+                  calibration_memory: int, distill_steps: int,
                   keep_unfoldable: bool, validate: bool, provider: str, inputs, atol: float, rtol: float,
                   min_cosine: float | None, min_agreement: float | None,
                   progress: Callable[[int, int, str], None] | None) -> TorchConversionResult:
     target = get_target(to)
     arity = positional_arity(module)
-    data = Batches(calibration, arity, calibration_batch_size) if calibration is not None else None
+    device = module_device(module)
+    data = Batches(calibration, arity, calibration_batch_size, device) if calibration is not None else None
     example = as_args(example_inputs) if example_inputs is not None else (data.first() if data else None)
     if distill_steps and (to not in REPLACEMENT_TARGETS or data is None):
         raise UsageError("distill_steps needs a replacement target (group / layer / instance) and calibration data")
@@ -88,7 +90,8 @@ def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibr
         if data is not None:
             report.calibration = calibrate(module, converted, converter.new_layers, data,
                                            head=flow.head if refit_output_layer else None,
-                                           choose_groups=choose_groups, progress=progress)
+                                           choose_groups=choose_groups, memory_budget=calibration_memory,
+                                           progress=progress)
             notes.extend(report.calibration.notes)
             if distill_steps:
                 notes.append(distill(module, converted, converter.new_layers, data, distill_steps, progress))

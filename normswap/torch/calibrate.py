@@ -11,6 +11,7 @@ form. ``distill_steps`` then trains only the new layers' scale and shift with Ad
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 
@@ -19,10 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._math import AffineFit, LinearRefit, fit_choice_note, solve_candidates
+from torch import fx
+
+from .._math import AffineFit, CandidateSums, LinearRefit, fit_choice_note, solve_candidates
+from ..activation_store import DEFAULT_MEMORY_BUDGET, ActivationStore, peak_rss
 from ..report import CalibrationReport
 from .convert import NewLayer
 from .data import Batches
+from .segments import SegmentRunner, moments, plan, trace
 from .sites import TorchSite
 
 Progress = Callable[[int, int, str], None]
@@ -75,8 +80,151 @@ def _output(result) -> torch.Tensor:
     return result if isinstance(result, torch.Tensor) else result[0]
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Where the module's parameters are (CPU for a module without any): calibration runs there."""
+    first = next(module.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def bn_target_centred(site: TorchSite, x: torch.Tensor) -> torch.Tensor:
+    """The original BN's output for ``x`` in eval mode minus its beta (``_centres``' y centre), in float32 on
+    ``x``'s device: without the offset, the variation of a near-constant channel is not lost to rounding."""
+    m, x32 = site.module, x.detach().float()
+    w = m.weight.detach().float() if getattr(m, "weight", None) is not None else None
+    if not site.stats:
+        return F.batch_norm(x32, None, None, w, None, True, 0.0, site.eps)
+    return F.batch_norm(x32, m.running_mean.float(), m.running_var.float(), w, None, False, 0.0, site.eps)
+
+
+def _centres(layer: NewLayer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x centre, y centre): the BN's running mean and beta, where it has them."""
+    m, c = layer.site.module, layer.site.channels
+    mean = m.running_mean if layer.site.stats and getattr(m, "running_mean", None) is not None else None
+    beta = getattr(m, "bias", None)
+    as32 = lambda t: (t.detach().float().to(device) if t is not None else torch.zeros(c, device=device))  # noqa: E731
+    return as32(mean), as32(beta)
+
+
+def _first_node(value):
+    if isinstance(value, fx.Node):
+        return value
+    if isinstance(value, (tuple, list)):
+        return next((v for v in map(_first_node, value) if v is not None), None)
+    return None
+
+
 def calibrate(original: nn.Module, converted: nn.Module, layers: list[NewLayer], data: Batches, *,
-              head: str | None, choose_groups: bool = True, progress: Progress | None = None) -> CalibrationReport:
+              head: str | None, choose_groups: bool = True, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+              progress: Progress | None = None) -> CalibrationReport:
+    """Fit every new layer (module parameters edited in place). Both modules are traced with torch.fx and run
+    segment by segment (``segments``): every node once per sample, on the module's device. A module torch.fx
+    cannot trace, or one that calls a BN more than once, is fitted level by level instead (one pass of both
+    modules per level)."""
+    names = {layer.site.name for layer in layers}
+    with _eval(original, converted):
+        ogm, cgm = trace(original, names), trace(converted, names)
+    if ogm is not None and cgm is not None and _called_once(ogm, names) and _called_once(cgm, names):
+        return _calibrate_in_segments(original, converted, ogm, cgm, layers, data, head=head,
+                                      choose_groups=choose_groups, memory_budget=memory_budget,
+                                      progress=progress)
+    return _calibrate_by_levels(original, converted, layers, data, head=head, choose_groups=choose_groups,
+                                progress=progress)
+
+
+def _called_once(gm: fx.GraphModule, names: set[str]) -> bool:
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target in names]
+    return len(calls) == len(set(calls)) == len(names)
+
+
+def _apply_fit(layer: NewLayer, fits: dict) -> None:
+    chosen, a, b, sse = solve_candidates(fits)
+    if chosen != layer.groups:
+        layer.module.num_groups = layer.groups = layer.record.groups = chosen
+        layer.record.reason += fit_choice_note(chosen, sse)
+    weight, bias = layer.module.weight, layer.module.bias
+    weight.copy_(torch.as_tensor(a, dtype=weight.dtype, device=weight.device))
+    bias.copy_(torch.as_tensor(b, dtype=bias.dtype, device=bias.device))
+    layer.record.calibrated = True
+
+
+def _calibrate_in_segments(original: nn.Module, converted: nn.Module, ogm: fx.GraphModule, cgm: fx.GraphModule,
+                           layers: list[NewLayer], data: Batches, *, head: str | None, choose_groups: bool,
+                           memory_budget: int, progress: Progress | None) -> CalibrationReport:
+    start = time.perf_counter()
+    device = module_device(converted)
+    batches = list(data)
+    samples = sum(len(b[0]) for b in batches)
+    report = CalibrationReport(samples, data.batch_size, 1, 0.0, "all" if head else "norms")
+    if data.note:
+        report.notes.append(data.note)
+    names = {layer.site.name for layer in layers}
+    head_node = next((n for n in cgm.graph.nodes if n.op == "call_module" and n.target == head), None)
+    out_node = _first_node(next(n for n in ogm.graph.nodes if n.op == "output").args[0])
+    if head_node is None or out_node is None:
+        head = None
+    cplan = plan(cgm, names, True, [head_node.args[0]] if head else [])
+    oplan = plan(ogm, names, False, [out_node] if head else [], len(cplan.segments))
+    count = max(len(cplan.segments), len(oplan.segments))
+    with tempfile.TemporaryDirectory(prefix="normswap-calib-") as workdir:
+        store = ActivationStore(memory_budget, workdir, lambda t: t.detach().cpu().numpy(),
+                                lambda a: torch.from_numpy(a).to(device))
+        ref, cand = SegmentRunner(ogm, oplan, "r", store), SegmentRunner(cgm, cplan, "c", store)
+        total, done = count * len(batches), 0
+        with _eval(original, converted), torch.no_grad():
+            for s in range(count):
+                here = []
+                for layer in layers:
+                    if cplan.fit_after(layer.site.name) == s:
+                        xc, yc = _centres(layer, device)
+                        cands = layer.candidates if choose_groups and len(layer.candidates) > 1 else (layer.groups,)
+                        here.append((layer, xc, yc, CandidateSums(layer, cands, yc.double().cpu().numpy(),
+                                                                  xc.double().cpu().numpy(),
+                                                                  layer.site.channels, layer.site.eps)))
+                for b, args in enumerate(batches):
+                    renv = ref.run(s, b, args)
+                    cenv = cand.run(s, b, args)
+                    for layer, xc, yc, sums in here:
+                        name = layer.site.name
+                        x_orig = _lookup(renv, ref, oplan.sites[name].args[0], b)
+                        x_conv = _lookup(cenv, cand, cplan.sites[name].args[0], b)
+                        positions, got = moments(x_conv, bn_target_centred(layer.site, x_orig), xc,
+                                                 None in sums.candidates, layer.site.eps)
+                        sums.add(len(x_conv), positions, got)
+                    done += 1
+                    if progress:
+                        rate = samples * done / total / max(time.perf_counter() - start, 1e-9)
+                        progress(done, total, f"calibrating: segment {s + 1}/{count}, {rate:,.0f} samples/s")
+                ref.release(s, len(batches))
+                cand.release(s, len(batches))
+                for layer, _, _, sums in here:
+                    _apply_fit(layer, sums.fits())
+                    report.layers_changed.append(layer.record.name)
+            if head is not None:
+                pairs = ((cand.get(head_node.args[0], b), _output(ref.get(out_node, b)))
+                         for b in range(len(batches)))
+                note = _refit_head_from(converted, head, pairs)
+                report.notes.append(note)
+                if note.startswith("refitted"):
+                    report.head = head
+                    report.layers_changed.append(head)
+        report.segments = count
+        report.memory_budget = memory_budget
+        report.peak_activation_bytes = store.peak_memory
+        report.spilled_bytes = store.peak_disk
+        where = store.where()
+        report.activations = where.replace("memory", f"{device.type} memory", 1) if device.type != "cpu" else where
+    report.peak_rss_bytes = peak_rss()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _lookup(env: dict, runner: SegmentRunner, node: fx.Node, batch: int):
+    return env[node] if node in env else runner.get(node, batch)
+
+
+def _calibrate_by_levels(original: nn.Module, converted: nn.Module, layers: list[NewLayer], data: Batches, *,
+                         head: str | None, choose_groups: bool = True, progress: Progress | None = None
+                         ) -> CalibrationReport:
     start = time.perf_counter()
     batches = data.count()
     levels = sorted({layer.level for layer in layers})
@@ -104,13 +252,7 @@ def calibrate(original: nn.Module, converted: nn.Module, layers: list[NewLayer],
                 if progress:
                     progress(done, total, f"calibrating level {level}/{len(levels)}")
             for g in group:
-                chosen, a, b, sse = solve_candidates(fits[id(g)])
-                if chosen != g.groups:
-                    g.module.num_groups = g.groups = g.record.groups = chosen
-                    g.record.reason += fit_choice_note(chosen, sse)
-                g.module.weight.copy_(torch.as_tensor(a, dtype=g.module.weight.dtype))
-                g.module.bias.copy_(torch.as_tensor(b, dtype=g.module.bias.dtype))
-                g.record.calibrated = True
+                _apply_fit(g, fits[id(g)])
                 report.layers_changed.append(g.record.name)
             report.passes += 1
         if head is not None:
@@ -132,26 +274,36 @@ def calibrate(original: nn.Module, converted: nn.Module, layers: list[NewLayer],
 def _refit_head(original: nn.Module, converted: nn.Module, head: str, data: Batches, tick) -> str:
     """Ridge least squares of the output Linear on the converted features against the original outputs."""
     linear = converted.get_submodule(head)
+
+    def pairs():
+        for batch in data:
+            with _capturing([(linear, "h")]) as seen:
+                converted(*batch)
+            yield seen["h"], _output(original(*batch))
+            tick()
+    return _refit_head_from(converted, head, pairs())
+
+
+def _refit_head_from(converted: nn.Module, head: str, pairs) -> str:
+    """Refit the output Linear ``head`` from (its input, the original output) batches."""
+    linear = converted.get_submodule(head)
     fit = LinearRefit(bias=True)
-    for batch in data:
-        with _capturing([(linear, "h")]) as seen:
-            converted(*batch)
-        h = seen["h"].detach().double().cpu().numpy()
-        o = _output(original(*batch)).detach().double().cpu().numpy()
+    for h, o in pairs:
+        h, o = h.detach().double().cpu().numpy(), o.detach().double().cpu().numpy()
         if h.ndim != 2 or o.ndim != 2:
             return f"output layer {head} not refitted: its input or output is not 2-D"
         fit.add(h, o)
-        tick()
     w = linear.weight.detach().double().cpu().numpy().T
     b = linear.bias.detach().double().cpu().numpy() if linear.bias is not None else np.zeros(w.shape[1])
     new, before, after = fit.refit(np.vstack([w, b[None]]), HEAD_RIDGE)
     if new is None:
         return f"output layer {head} kept: a refit would not lower the error ({after:.3g} vs {before:.3g})"
-    linear.weight.copy_(torch.as_tensor(new[:-1].T, dtype=linear.weight.dtype))
+    device = linear.weight.device
+    linear.weight.copy_(torch.as_tensor(new[:-1].T, dtype=linear.weight.dtype, device=device))
     if linear.bias is None:
-        linear.bias = nn.Parameter(torch.as_tensor(new[-1], dtype=linear.weight.dtype))
+        linear.bias = nn.Parameter(torch.as_tensor(new[-1], dtype=linear.weight.dtype, device=device))
     else:
-        linear.bias.copy_(torch.as_tensor(new[-1], dtype=linear.bias.dtype))
+        linear.bias.copy_(torch.as_tensor(new[-1], dtype=linear.bias.dtype, device=device))
     return f"refitted output layer {head}: mean squared error to the original outputs {before:.3g} -> {after:.3g}"
 
 

@@ -47,8 +47,9 @@ class Batches:
     other iterable (a DataLoader) is iterated as it is, once per pass -- a one-shot generator is kept in a list
     (its samples are then held in memory, which the report notes)."""
 
-    def __init__(self, data, arity: int, batch_size: int) -> None:
-        self.arity, self.batch_size, self.note = arity, batch_size, None
+    def __init__(self, data, arity: int, batch_size: int, device: torch.device | str = "cpu") -> None:
+        """Batches come out on ``device`` (the module's): calibration and distillation run where it is."""
+        self.arity, self.batch_size, self.note, self.device = arity, batch_size, None, torch.device(device)
         if isinstance(data, torch.Tensor):
             data = (data,)
         if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
@@ -70,17 +71,20 @@ class Batches:
         if self.tensors is not None:
             n = len(self.tensors[0])
             for k in range(0, n, self.batch_size):
-                yield tuple(standard_layout(t[k:k + self.batch_size]) for t in self.tensors)
+                yield tuple(self._place(t[k:k + self.batch_size]) for t in self.tensors)
             return
         for batch in self.source:
             if isinstance(batch, torch.Tensor):
-                yield (standard_layout(batch),)
+                yield (self._place(batch),)
             elif isinstance(batch, (tuple, list)):
-                yield tuple(standard_layout(t) for t in batch[:self.arity])
+                yield tuple(self._place(t) for t in batch[:self.arity])
             elif isinstance(batch, dict):
                 raise UsageError("dict batches are not supported; yield tensors or tuples of tensors")
             else:
                 raise UsageError(f"a calibration batch is a {type(batch).__name__}, not a tensor or tuple")
+
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        return standard_layout(t.to(self.device, non_blocking=True) if t.device != self.device else t)
 
     def first(self) -> tuple[torch.Tensor, ...]:
         for batch in self:

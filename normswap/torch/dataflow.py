@@ -29,7 +29,9 @@ class Dataflow:
     head: str | None = None  # a Linear whose output is the model's output
 
 
-class _Tracer(fx.Tracer):
+class LeafTracer(fx.Tracer):
+    """torch.fx tracing that keeps the named modules as calls (leaves)."""
+
     def __init__(self, leaves: set[str]) -> None:
         super().__init__()
         self.leaves = leaves
@@ -46,7 +48,7 @@ def _shapes(gm: fx.GraphModule, example: tuple) -> None:
 def analyze(module: nn.Module, sites: list[TorchSite], example: tuple | None) -> Dataflow:
     names = {s.name for s in sites}
     try:
-        graph = _Tracer(names).trace(module)
+        graph = LeafTracer(names).trace(module)
         gm = fx.GraphModule(module, graph)
         if example is not None:
             _shapes(gm, example)

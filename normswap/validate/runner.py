@@ -23,12 +23,20 @@ OPTIMIZATION = "ORT_DISABLE_ALL"
 VALIDATION_BATCH = 256  # samples per run: bounds memory on large --inputs files
 
 
-def make_session(model: onnx.ModelProto | str | os.PathLike, providers: tuple[str, ...], workdir: str, label: str):
+def make_session(model: onnx.ModelProto | str | os.PathLike, providers: tuple[str, ...], workdir: str, label: str,
+                 optimize: bool = False):
+    """An onnxruntime session; graph optimizations disabled unless ``optimize`` (calibration, where speed matters
+    and onnxruntime's fusions change nothing that is compared)."""
     import onnxruntime as ort
     from ..onnx.io import has_bound_data, needs_external_data, save_model
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.log_severity_level = ORT_SILENT
+    if optimize:  # calibration: many short runs with Python work between them, outputs kept between sessions
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not spin
+        options.enable_cpu_mem_arena = False  # kept outputs must not pin a dead session's arena (measured: half
+        # the peak memory, and faster, on resnet50)
     if isinstance(model, (str, os.PathLike)):  # a file normswap loaded and checked: onnxruntime reads it again
         source = str(model)
     elif has_bound_data(model) or needs_external_data(model):
@@ -68,7 +76,8 @@ def validate_models(reference: onnx.ModelProto | str | os.PathLike, candidate: o
     their cosine similarity is reported as per-layer drift. ``reference`` may be the path of the unmodified
     original (then the inputs are read off the candidate, which has the same ones).
     """
-    from ..onnx.activations import Activations, iter_batches, upload
+    from ..onnx.activations import Activations, upload
+    from ..onnx.batching import fixed_layout, iter_layout, layout_count
     choice = select_providers(provider)
     feeds, source = make_feeds(reference if isinstance(reference, onnx.ModelProto) else candidate, inputs,
                                input_shapes, seed)
@@ -84,16 +93,24 @@ def validate_models(reference: onnx.ModelProto | str | os.PathLike, candidate: o
             raise InvalidModelError(f"the candidate has no output(s) {missing} that the reference has; "
                                     "compare models with the same outputs")
         stats = {n: OutputStats(n, atol, rtol) for n in dict.fromkeys(out_names + list(layer_outputs))}
-        batches = list(iter_batches(feeds, batch_size)) if progress else iter_batches(feeds, batch_size)
-        for k, batch in enumerate(batches, start=1):
+        layout = fixed_layout(candidate, feeds, batch_size)  # a fixed-batch model is fed its own batch, padded
+        runs = layout_count(feeds, layout)
+        for k, (batch, valid) in enumerate(iter_layout(feeds, layout), start=1):
             on_device = upload(batch, ref.device)  # one upload per batch serves both models
             r = ref.run(on_device, list(stats))
             c = cand.run(on_device, list(stats))
             if progress:
-                progress(k, len(batches), "validating")
+                progress(k, runs, "validating")
             for name, st in stats.items():
-                st.add(r[name], c[name])
+                st.add(*(_valid_rows(v[name], valid, layout.rows) for v in (r, c)))
     comparisons = [stats[n].result(check, min_cosine, min_agreement) for n in out_names]
     drift = {n: stats[n].cosine for n in layer_outputs}
     return ValidationReport(check, ran, provider, OPTIMIZATION, atol, rtol, source, comparisons,
                             min_cosine=min_cosine, min_agreement=min_agreement, layer_cosine=drift)
+
+
+def _valid_rows(value: np.ndarray, valid: int | None, rows: int) -> np.ndarray:
+    """The rows of a batched value that hold real samples (padding rows dropped)."""
+    if valid is None or valid == rows or np.ndim(value) == 0 or len(value) != rows:
+        return value
+    return value[:valid]

@@ -1,12 +1,22 @@
-"""Calibration keeps what the network learned: measured on held-out digits, against the uncalibrated swap."""
+"""Calibration keeps what the network learned: measured on held-out digits, against the uncalibrated swap, and
+checked against the plain sequential fit it must reproduce at a fraction of the cost."""
+import copy
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from onnx import helper
 
 import normswap
-from normswap.onnx.calibrate import norm_levels
+from normswap.onnx.calibrate import calibrate
+from normswap.onnx.convert import convert_in_place
+from normswap.onnx.segments import plan_segments
+from normswap.targets import ReplaceOptions
+from normswap.validate.providers import CPU
+
+from tests.builders import bn_node, bn_params, init, model, vi
+from tests.onnx.sequential_calibration import sequential_fit
 
 FIXTURES = Path(__file__).parent.parent.parent / "fixtures"
 MODEL = FIXTURES / "digits_resnet.onnx"
@@ -20,6 +30,18 @@ def digits():
 
 def _agreement(result):
     return result.report.validation.outputs[0].top1_agreement
+
+
+def _arrays(m: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+
+
+def _assert_same_weights(a: onnx.ModelProto, b: onnx.ModelProto, rtol=1e-4, atol=1e-5) -> None:
+    wa, wb = _arrays(a), _arrays(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert wa[name].shape == wb[name].shape, name
+        np.testing.assert_allclose(wa[name], wb[name], rtol=rtol, atol=atol, err_msg=name)
 
 
 @pytest.mark.parametrize("target,floor", [("layer", 0.97), ("group", 0.97)])
@@ -59,33 +81,76 @@ def test_batch_size_does_not_change_the_fit(digits):
     calib, held = digits
     a = normswap.convert(MODEL, to="layer", calibration=calib, calibration_batch_size=7, validate=False)
     b = normswap.convert(MODEL, to="layer", calibration=calib, calibration_batch_size=1000, validate=False)
-    for ta, tb in zip(a.model.graph.initializer, b.model.graph.initializer):
-        np.testing.assert_allclose(onnx.numpy_helper.to_array(ta), onnx.numpy_helper.to_array(tb), rtol=1e-4,
-                                   atol=1e-5)
+    _assert_same_weights(a.model, b.model)
 
 
-def test_levels_follow_the_dataflow(digits):
+def _converted(target: str, **options):
+    ref = onnx.load(str(MODEL))
+    conv = copy.deepcopy(ref)
+    norms = convert_in_place(conv, target, options=ReplaceOptions(**options)).new_norms
+    return ref, conv, norms
+
+
+@pytest.mark.parametrize("target,options,choose", [
+    ("group", {}, True), ("group", {}, False), ("group", {"groups": 4}, True), ("layer", {}, True),
+    ("layer", {"layer_over": "channels"}, True), ("instance", {}, True)])
+def test_segmented_fit_equals_the_sequential_fit(digits, target, options, choose):
     calib, _ = digits
-    r = normswap.convert(MODEL, to="layer", calibration=calib, validate=False)
-    assert r.report.calibration.passes == 1 + 6 + 1  # the original once, a chain of six norms, then the head
+    ref, expected, norms = _converted(target, **options)
+    sequential_fit(ref, expected, norms, calib, choose_groups=choose)
+    ref, got, norms = _converted(target, **options)
+    report = calibrate(ref, got, norms, calib, (CPU,), refit_output_layer=False, choose_groups=choose)
+    _assert_same_weights(got, expected)
+    assert report.segments == 6 and report.passes == 1  # a chain of six norms: six segments, one sweep
 
 
-def test_uncached_targets_give_the_same_fit(digits, monkeypatch):
-    import normswap.onnx.calibrate as cal
+def test_the_comparison_with_the_sequential_fit_can_fail(digits):
+    """Fitting every layer on the original's own inputs (no sequential dependence) must not pass for it."""
     calib, _ = digits
-    cached = normswap.convert(MODEL, to="layer", calibration=calib, validate=False)
-    monkeypatch.setattr(cal, "TARGET_CACHE_BYTES", 0)  # too large to keep: recomputed per pass
-    streamed = normswap.convert(MODEL, to="layer", calibration=calib, validate=False)
-    assert streamed.report.calibration.passes == 6 + 1
-    for a, b in zip(cached.model.graph.initializer, streamed.model.graph.initializer):
-        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+    ref, expected, norms = _converted("layer")
+    sequential_fit(ref, expected, norms, calib)
+    ref, parallel, norms = _converted("layer")
+    for k in range(len(norms)):  # each layer alone, on a network whose other layers hold gamma / beta
+        _, alone, alone_norms = _converted("layer")
+        sequential_fit(ref, alone, [alone_norms[k]], calib)
+        fitted = _arrays(alone)
+        inits = {t.name: t for t in parallel.graph.initializer}
+        for name in (norms[k].scale, norms[k].shift):
+            inits[name].CopyFrom(onnx.numpy_helper.from_array(fitted[name], name))
+    with pytest.raises(AssertionError):
+        _assert_same_weights(parallel, expected)
+
+
+def test_every_node_runs_in_exactly_one_segment(digits):
+    ref, conv, norms = _converted("group")
+    by_node = {name: n for n in norms for name in n.record.new_nodes}
+    late = {i: by_node[node.name].x for i, node in enumerate(conv.graph.node) if node.name in by_node}
+    plan = plan_segments(conv.graph, roots=[n.x for n in norms], late=late, hold=[conv.graph.output[0].name])
+    assert sum(len(s.nodes) for s in plan.segments) == len(conv.graph.node)
+    names = [node.name for seg in plan.segments for node in seg.nodes]
+    assert len(names) == len(set(names))
+    for n in norms:  # a layer's emitted nodes all run after its input's segment: it is fitted in between
+        emitted = [s.index for s in plan.segments for node in s.nodes if node.name in n.record.new_nodes]
+        assert min(emitted) > plan.segment_of[n.x]
+
+
+def test_activations_spill_to_disk_beyond_the_memory_budget(digits):
+    calib, _ = digits
+    kept = normswap.convert(MODEL, to="group", calibration=calib, validate=False)
+    spilled = normswap.convert(MODEL, to="group", calibration=calib, validate=False, calibration_memory=0)
+    a, b = kept.report.calibration, spilled.report.calibration
+    assert a.activations == "memory" and a.spilled_bytes == 0 and a.peak_activation_bytes > 0
+    assert b.activations == "memory and disk" and b.spilled_bytes > 0 and b.peak_activation_bytes == 0
+    assert b.peak_rss_bytes > 0 and b.memory_budget == 0
+    _assert_same_weights(kept.model, spilled.model, rtol=0, atol=0)
 
 
 def test_calibration_reports_progress(digits):
     calls = []
     normswap.convert(MODEL, to="layer", calibration=digits[0], validate=False,
-                     progress=lambda done, total, label: calls.append((done, total)))
+                     progress=lambda done, total, label: calls.append((done, total, label)))
     assert calls and calls[-1][0] == calls[-1][1] and [c[0] for c in calls] == sorted(c[0] for c in calls)
+    assert "samples/s" in calls[0][2] and "segment 1/" in calls[0][2]
 
 
 def test_mismatched_calibration_data_is_a_usage_error(tmp_path):
@@ -94,27 +159,114 @@ def test_mismatched_calibration_data_is_a_usage_error(tmp_path):
         normswap.convert(MODEL, to="layer", calibration=tmp_path / "c.npz")
 
 
-def test_norm_levels_of_parallel_branches_share_a_level():
-    from onnx import helper
-    from normswap.onnx.convert import NewNorm
-    g = helper.make_graph([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["x"], ["b"]),
-                           helper.make_node("Add", ["a", "b"], ["c"]), helper.make_node("Relu", ["c"], ["d"])],
-                          "g", [], [])
-    norms = [NewNorm(None, "x", y, 1, 1, 1e-5, "", "", "main") for y in ("a", "b", "d")]
-    assert norm_levels(g, norms) == {"a": 1, "b": 1, "d": 2}
+def test_parallel_branches_share_a_segment():
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["a"], name="ra"),
+                           helper.make_node("Relu", ["x"], ["b"], name="rb"),
+                           helper.make_node("Add", ["a", "b"], ["c"], name="add"),
+                           helper.make_node("Relu", ["c"], ["d"], name="rd")], "g", [], [])
+    # 'ra' and 'rb' apply layers fitted on x, 'rd' one fitted on c
+    plan = plan_segments(g, roots=["d"], late={0: "x", 1: "x", 3: "c"})
+    assert [[n.name for n in s.nodes] for s in plan.segments] == [[], ["ra", "rb", "add"], ["rd"]]
+    assert plan.segments[1].writes == ["c"] and plan.segments[2].reads == ["c"]
+    raised = plan_segments(g, roots=["d"], raised={"a": "x", "b": "x"}, export={"a": 0, "b": 0})
+    assert [[n.name for n in s.nodes] for s in raised.segments] == [["ra", "rb"], ["add", "rd"]]
+    assert raised.segments[0].writes == ["a", "b"]
 
 
-def test_prefix_model_computes_the_same_values_with_fewer_nodes(digits, tmp_path):
-    from normswap.onnx.activations import Activations, prefix_model
-    from normswap.validate.providers import CPU
-    model = onnx.load(str(MODEL))
-    first_bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
-    prefix = prefix_model(model, [first_bn.output[0]])
-    assert len(prefix.graph.node) < len(model.graph.node) / 3
-    assert [o.name for o in prefix.graph.output] == [first_bn.output[0]]
-    needed = {i for n in prefix.graph.node for i in n.input}
-    assert {t.name for t in prefix.graph.initializer} <= needed
-    x = {"x": digits[0]["x"][:8]}
-    full = Activations(model, [first_bn.output[0]], (CPU,), str(tmp_path), "full").run(x, [first_bn.output[0]])
-    part = Activations(prefix, [], (CPU,), str(tmp_path), "prefix").run(x, [first_bn.output[0]])
-    np.testing.assert_array_equal(full[first_bn.output[0]], part[first_bn.output[0]])
+# --- any batch layout ------------------------------------------------------------------------------------------
+
+def _fixed_batch_net(batch: int | str, *, slice_first: bool = False) -> onnx.ModelProto:
+    """x -> Conv -> BN -> Relu -> Conv -> BN -> Relu -> GlobalAveragePool -> Reshape([batch, 8]) -> Gemm, with the
+    batch fixed the way exporters fix it (a constant Reshape target); ``slice_first`` adds a Slice that keeps
+    sample 0 only, which no freed batch dimension can survive."""
+    rng = np.random.default_rng(3)
+    inits = [init("w1", rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3),
+             init("w2", rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2),
+             init("fc", rng.standard_normal((8, 4)).astype(np.float32)), init("fcb", np.zeros(4, np.float32))]
+    n1, p1 = bn_params(8, rng, "bn1")
+    n2, p2 = bn_params(8, rng, "bn2")
+    shape_value = np.array([batch if isinstance(batch, int) else 0, 8], np.int64)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+             bn_node("c1", "b1", n1, name="bn1"), helper.make_node("Relu", ["b1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1] * 4),
+             bn_node("c2", "b2", n2, name="bn2"), helper.make_node("Relu", ["b2"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="pool"),
+             helper.make_node("Constant", [], ["shape"], name="shape", value=onnx.numpy_helper.from_array(
+                 shape_value)),
+             helper.make_node("Reshape", ["p", "shape"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"], name="head")]
+    outputs = [vi("logits", [batch, 4])]
+    if slice_first:
+        inits += [init("s0", np.array([0], np.int64)), init("s1", np.array([1], np.int64))]
+        nodes.append(helper.make_node("Slice", ["logits", "s0", "s1", "s0"], ["first"], name="first"))
+        outputs.append(vi("first", [1, 4]))
+    return model(nodes, [vi("x", [batch, 3, 8, 8])], outputs, inits + p1 + p2)
+
+
+def _images(count: int) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(7).standard_normal((count, 3, 8, 8)).astype(np.float32)}
+
+
+def test_a_fixed_batch_model_calibrates_and_validates_with_any_sample_count():
+    fixed = normswap.convert(_fixed_batch_net(1), to="group", groups=4, calibration=_images(37),
+                             inputs=_images(23))
+    free = normswap.convert(_fixed_batch_net("N"), to="group", groups=4, calibration=_images(37),
+                            inputs=_images(23))
+    note = fixed.report.calibration.batch_layout
+    assert "fixes its batch to 1" in note and "free it" in note
+    assert fixed.report.validation is not None and fixed.report.validation.outputs[0].top1_agreement > 0.5
+    for a, b in zip(fixed.model.graph.initializer, free.model.graph.initializer):  # the same fit either way
+        if a.name != "shape":
+            np.testing.assert_allclose(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), rtol=1e-4,
+                                       atol=1e-5)
+    assert [d.dim_value for d in fixed.model.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 8, 8]
+
+
+def test_a_batch_that_cannot_be_freed_is_fed_at_the_models_own_size():
+    net = _fixed_batch_net(2, slice_first=True)
+    result = normswap.convert(net, to="group", groups=4, calibration=_images(5), inputs=_images(3))
+    note = result.report.calibration.batch_layout
+    assert "fed 2 sample(s) per run" in note and "changes its results" in note
+    reference = normswap.convert(net, to="group", groups=4, calibration=_images(5), inputs=_images(3),
+                                 calibration_batch_size=2)
+    _assert_same_weights(result.model, reference.model)
+    assert result.report.validation.outputs[0].name == "logits"
+
+
+def test_fit_sums_in_the_graph_match_numpy_at_old_and_new_opsets():
+    import onnxruntime as ort
+    from normswap._math import MOMENTS, Z_SUMS
+    from normswap.onnx.fit_stats import add_fit_stats
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 4, 5, 5)) * 3 + 40).astype(np.float32)
+    y = (rng.standard_normal((3, 4, 5, 5)) + 20).astype(np.float32)
+    xc, yc = rng.uniform(30, 50, 4), rng.uniform(15, 25, 4)
+    for opset in (11, 18):
+        for channel_norm in (False, True):
+            m = model([], [vi("x", None), vi("y", None)], [], opset=opset)
+            shape, sums = add_fit_stats(m.graph, opset, x="x", target="y", channels=4, eps=1e-5, x_center=xc,
+                                        y_center=yc, channel_norm=channel_norm, prefix="t")
+            names = [shape, *sums.values()]
+            got = dict(zip(names, ort.InferenceSession(m.SerializeToString(), providers=[CPU]).run(
+                names, {"x": x, "y": y})))
+            xr = x.reshape(3, 4, -1).astype(np.float64) - xc[None, :, None]
+            yr = y.reshape(3, 4, -1).astype(np.float64) - yc[None, :, None]
+            assert list(got[shape]) == [3, 4, 25]
+            if channel_norm:
+                from normswap._math import channel_normalize
+                z = channel_normalize(x, 1e-5).reshape(3, 4, -1)
+                want = dict(zip(Z_SUMS, (z.sum(2), (z * z).sum(2), yr.sum(2), (yr * yr).sum(2), (z * yr).sum(2))))
+            else:
+                want = dict(zip(MOMENTS, (xr.sum(2), (xr * xr).sum(2), (xr * yr).sum(2), yr.sum(2),
+                                          (yr * yr).sum(2))))
+            for k, v in want.items():
+                np.testing.assert_allclose(got[sums[k]], v, rtol=1e-4, atol=1e-3, err_msg=f"{k} at opset {opset}")
+
+
+def test_a_non_tensor_value_between_segments_is_refused_in_one_line():
+    from normswap.onnx.segments import Segment, segment_model
+    m = model([helper.make_node("SequenceLength", ["seq"], ["n"], name="len")], [], [vi("n", [])])
+    with pytest.raises(normswap.UnsupportedError, match="non-tensor value 'seq'"):
+        segment_model(m, Segment(1, list(m.graph.node), ["seq"], ["n"]), {"seq": None}, False)
+    ok = segment_model(m, Segment(1, list(m.graph.node), ["seq"], ["n"]), {"seq": np.dtype(np.int64)}, False)
+    assert [i.name for i in ok.graph.input] == ["seq"] and [o.name for o in ok.graph.output] == ["n"]
