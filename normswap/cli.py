@@ -279,10 +279,9 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
             distill_steps: int, target: str, output: str | None, in_place: bool, keep_unfoldable: bool, groups: int,
             group_size: int | None, layer_over: str, calibration: str | None, calibrate_norms_only: bool,
             fixed_groups: bool, calibration_batch_size: int, calibration_memory: str | None, opset: int | None,
-            min_cosine: float | None,
-            min_agreement: float | None, quiet: bool, validate: bool, keep_invalid: bool, provider: str,
-            inputs: str | None, input_shapes: tuple[str, ...], atol: float, rtol: float, seed: int,
-            report_path: str | None) -> None:
+            min_cosine: float | None, min_agreement: float | None, quiet: bool, validate: bool,
+            keep_invalid: bool, provider: str, inputs: str | None, input_shapes: tuple[str, ...], atol: float,
+            rtol: float, seed: int, report_path: str | None) -> None:
     """Convert the BatchNorm layers of MODEL (.onnx), or of a torch module (--torch-model), and validate the
     result."""
     from .api import convert as convert_model
@@ -293,8 +292,7 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
         return _convert_torch(torch_model, weights, export_onnx, distill_steps, target, output, keep_unfoldable,
                               groups, group_size, layer_over, calibration, calibrate_norms_only, fixed_groups,
                               calibration_batch_size, memory, min_cosine, min_agreement, quiet, validate,
-                              keep_invalid,
-                              provider, inputs, input_shapes, atol, rtol, seed, report_path)
+                              keep_invalid, provider, inputs, input_shapes, atol, rtol, seed, report_path)
     if export_onnx or distill_steps or weights:
         raise UsageError("--export-onnx, --distill-steps and --weights apply to --torch-model")
     source = Path(model)
@@ -307,9 +305,10 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
         result = convert_model(model, target, groups=groups, group_size=group_size, layer_over=layer_over,
                                calibration=calibration, refit_output_layer=not calibrate_norms_only,
                                choose_groups=not fixed_groups, calibration_batch_size=calibration_batch_size,
-                               calibration_memory=memory, keep_unfoldable=keep_unfoldable, validate=validate, provider=provider, inputs=inputs,
-                               input_shapes=shapes, atol=atol, rtol=rtol, seed=seed, min_cosine=min_cosine,
-                               min_agreement=min_agreement, opset=opset, progress=progress)
+                               calibration_memory=memory, keep_unfoldable=keep_unfoldable, validate=validate,
+                               provider=provider, inputs=inputs, input_shapes=shapes, atol=atol, rtol=rtol,
+                               seed=seed, min_cosine=min_cosine, min_agreement=min_agreement, opset=opset,
+                               progress=progress)
     report = result.report
     quiet = report_path == "-"
     if not quiet:
@@ -368,7 +367,8 @@ def _convert_torch(spec, weights, export_onnx, distill_steps, target, output, ke
         result = convert_model(module, target, groups=groups, group_size=group_size, layer_over=layer_over,
                                calibration=calib, refit_output_layer=not calibrate_norms_only,
                                choose_groups=not fixed_groups, calibration_batch_size=calibration_batch_size,
-                               calibration_memory=memory, distill_steps=distill_steps, example_inputs=example if example is not None else held,
+                               calibration_memory=memory, distill_steps=distill_steps,
+                               example_inputs=example if example is not None else held,
                                keep_unfoldable=keep_unfoldable, validate=validate, provider=provider, inputs=held,
                                atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement,
                                progress=progress)
