@@ -55,6 +55,7 @@ class ConversionResult:
              progress: Progress | None = None) -> list[Path]:
         """Write the model atomically; with external data when the input had it, when asked, or above 2 GB."""
         from .onnx.io import save_model
+        _check_not_a_read_file(self.model, self.report.source, path)
         if self.report.passed is False and not keep_invalid:
             raise ValidationFailedError("the converted model failed validation, so it was not written; "
                                         "inspect the report, or pass keep_invalid=True (--keep-invalid)")
@@ -62,6 +63,18 @@ class ConversionResult:
         written = save_model(self.model, path, external_data=use_external, progress=progress)
         self.report.output = str(path)
         return written
+
+
+def _check_not_a_read_file(model: onnx.ModelProto, source: str, dest: str | os.PathLike) -> None:
+    """Refuse to write over the source model's external data, or any file the model still reads lazily (the
+    source model file itself may be replaced)."""
+    from .onnx.external import bound_ref, is_external
+    from .paths import WritePlan, external_files
+    files = {bound_ref(t)[0] for t in model.graph.initializer if is_external(t)}
+    if Path(source).is_file():
+        files.update(external_files(Path(source)))
+    if files:
+        WritePlan(sorted(files)).add(dest, "the output")
 
 
 def _check_options(to: str, groups: int, group_size: int | None, layer_over: str, atol: float, rtol: float,

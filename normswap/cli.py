@@ -72,6 +72,16 @@ def _shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     return dict(parse_input_shape(v) for v in values)
 
 
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value is not None else None
+
+
+def _plan_report(plan, report_path: str | None) -> None:
+    """Check --report against everything the command reads and writes, before any work."""
+    if report_path is not None and report_path != "-":
+        plan.add(report_path, "--report")
+
+
 def _write_report(report, path: str | None) -> None:
     if path is None:
         return
@@ -286,7 +296,10 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
     result."""
     from .api import convert as convert_model
     from .onnx.io import same_file
+    from .paths import WritePlan, external_files
     _model_source(model, torch_model)
+    if output == "":
+        raise UsageError("-o is empty; name the output file")
     memory = _size(calibration_memory)
     if torch_model:
         return _convert_torch(torch_model, weights, export_onnx, distill_steps, target, output, keep_unfoldable,
@@ -296,9 +309,13 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
     if export_onnx or distill_steps or weights:
         raise UsageError("--export-onnx, --distill-steps and --weights apply to --torch-model")
     source = Path(model)
-    out = Path(output) if output else (source if in_place else _default_output(source, target))
+    out = Path(output) if output is not None else (source if in_place else _default_output(source, target))
     if source.exists() and out.exists() and same_file(source, out) and not in_place:
         raise UsageError(f"output '{out}' is the input model; pass another -o or --in-place to replace it")
+    plan = WritePlan([source, *external_files(source), _path(calibration), _path(inputs)])
+    replacing = in_place and source.exists() and out.exists() and same_file(source, out)
+    out = plan.add(out, "-o" if output is not None else "the output", may_replace_input=replacing)
+    _plan_report(plan, report_path)
     shapes = _shapes(input_shapes)
     quiet = quiet or report_path == "-"
     with _progress(quiet) as progress:
@@ -354,6 +371,13 @@ def _convert_torch(spec, weights, export_onnx, distill_steps, target, output, ke
                    min_cosine, min_agreement, quiet, validate, keep_invalid, provider, inputs, input_shapes, atol,
                    rtol, seed, report_path) -> None:
     from .api import convert as convert_model
+    from .paths import WritePlan
+    stem = Path(weights).stem if weights else spec.rpartition(":")[2]
+    out = Path(output) if output is not None else Path(weights or ".").parent / f"{stem}.{target}.safetensors"
+    plan = WritePlan([_path(weights), _path(calibration), _path(inputs)])
+    out = plan.add(out, "-o" if output is not None else "the output")
+    onnx_out = plan.add(export_onnx, "--export-onnx") if export_onnx is not None else None
+    _plan_report(plan, report_path)
     module = _torch_module(spec, weights)
     shapes = _shapes(input_shapes)
     example = _torch_args(module, shapes, None, seed)
@@ -380,11 +404,9 @@ def _convert_torch(spec, weights, export_onnx, distill_steps, target, output, ke
             _print_validation(report.deployable)
     failed = report.passed is False
     if not failed or keep_invalid:
-        stem = Path(weights).stem if weights else spec.rpartition(":")[2]
-        out = Path(output) if output else Path(weights or ".").parent / f"{stem}.{target}.safetensors"
         written = [result.save(out, keep_invalid=keep_invalid)]
-        if export_onnx:
-            written.append(result.export_onnx(export_onnx, keep_invalid=keep_invalid))
+        if onnx_out is not None:
+            written.append(result.export_onnx(onnx_out, keep_invalid=keep_invalid))
         if report_path != "-":
             click.echo(f"wrote {', '.join(str(p) for p in written)}")
     elif report_path != "-":
@@ -407,6 +429,9 @@ def validate(reference: str, candidate: str, check: str, min_cosine: float | Non
              report_path: str | None) -> None:
     """Run REFERENCE and CANDIDATE in ONNX Runtime on the same inputs and compare every output."""
     from .api import validate as validate_models
+    from .paths import WritePlan, external_files
+    models = [Path(reference), Path(candidate)]
+    _plan_report(WritePlan(models + [f for m in models for f in external_files(m)] + [_path(inputs)]), report_path)
     report = validate_models(reference, candidate, provider=provider, inputs=inputs,
                              input_shapes=_shapes(input_shapes), atol=atol, rtol=rtol, seed=seed, check=check,
                              min_cosine=min_cosine, min_agreement=min_agreement)

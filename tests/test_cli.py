@@ -186,3 +186,69 @@ def test_validate_fidelity_check_and_gate(model_path, tmp_path):
 def test_a_calibration_memory_that_is_not_a_size_exits_2(model_path, size):
     r = cli("convert", model_path, "--to", "group", "--calibration-memory", size)
     assert r.returncode == 2 and f"--calibration-memory '{size}'" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+# --- nothing normswap writes is, or overwrites, what it reads ------------------------------------------------
+
+def _external_model(tmp_path) -> tuple[Path, Path]:
+    m = conv_bn(np.random.default_rng(0))
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.bin",
+                    size_threshold=0)
+    return path, tmp_path / "ext.bin"
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("args", [
+    ["convert", "m.onnx", "--to", "fold", "--report", "m.onnx"],          # the report would replace the input
+    ["validate", "m.onnx", "m.onnx", "--report", "m.onnx"],
+    ["convert", "m.onnx", "--to", "fold", "-o", "out.onnx", "--report", "out.onnx"],  # report = model output
+    ["convert", "m.onnx", "--to", "fold", "-o", "m.onnx"],                # without --in-place
+    ["convert", "m.onnx", "--to", "fold", "-o", ""],
+])
+def test_an_output_that_collides_exits_2_and_writes_nothing(model_path, args):
+    before = _snapshot(model_path.parent)
+    r = cli(*args, cwd=model_path.parent)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert _snapshot(model_path.parent) == before
+
+
+def test_an_output_naming_the_inputs_external_data_is_refused(tmp_path):
+    path, data = _external_model(tmp_path)
+    before = _snapshot(tmp_path)
+    for args in (["-o", data.name], ["--report", data.name], ["--in-place", "-o", data.name]):
+        r = cli("convert", path.name, "--to", "fold", *args, cwd=tmp_path)
+        assert r.returncode == 2 and "reads" in r.stderr, (args, r.stderr)
+        assert _snapshot(tmp_path) == before
+    ok = cli("convert", path.name, "--to", "fold", "-o", "fine.onnx", cwd=tmp_path)  # the positive case
+    assert ok.returncode == 0, ok.stderr and (tmp_path / "fine.onnx").exists()
+
+
+def test_a_report_in_a_missing_folder_exits_5_before_the_model_is_written(model_path):
+    r = cli("convert", model_path, "--to", "fold", "--report", model_path.parent / "no" / "r.json")
+    assert r.returncode == 5 and "does not exist" in r.stderr
+    assert not (model_path.parent / "m.fold.onnx").exists()
+
+
+def test_in_place_through_a_symlink_updates_the_real_model_and_keeps_the_link(model_path):
+    link = model_path.parent / "link.onnx"
+    link.symlink_to(model_path.name)
+    r = cli("convert", link, "--to", "fold", "--in-place")
+    assert r.returncode == 0, r.stderr
+    assert link.is_symlink() and os.readlink(link) == model_path.name
+    assert "BatchNormalization" not in [n.op_type for n in onnx.load(str(model_path)).graph.node]
+
+
+def test_the_api_refuses_to_save_over_the_external_data_it_reads(tmp_path):
+    import normswap
+    path, data = _external_model(tmp_path)
+    before = data.read_bytes()
+    result = normswap.convert(path, to="fold", validate=False)
+    with pytest.raises(normswap.UsageError, match="reads"):
+        result.save(data)
+    assert data.read_bytes() == before
+    result.save(tmp_path / "other.onnx")  # anywhere else is fine
+    assert (tmp_path / "other.onnx").exists()
