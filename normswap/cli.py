@@ -5,12 +5,14 @@ Exit codes: 0 ok, 1 validation failed, 2 usage error, 3 invalid or unsafe input,
 """
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
 import click
 
-from .errors import EXIT_INTERNAL, EXIT_VALIDATION_FAILED, NormswapError, UsageError
+from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_VALIDATION_FAILED, NormswapError,
+                     UsageError)
 from .report import ConversionReport, InspectReport, ValidationReport
 from .api import CALIBRATION_BATCH
 from .targets import DEFAULT_GROUPS, LAYER_OVER, TARGET_NAMES
@@ -22,8 +24,16 @@ class _Group(click.Group):
     """Turns NormswapError into one line on stderr and its exit code; tracebacks only with --debug."""
 
     def invoke(self, ctx: click.Context):
+        previous, stdout = signal.signal(signal.SIGTERM, _terminated), sys.stdout
+        sys.stdout = _PipeSafe(stdout)
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:  # Ctrl-C: temporary files were removed on the way out
+            click.echo("normswap: interrupted; nothing was written in place of an existing file", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except Terminated:
+            click.echo("normswap: terminated; nothing was written in place of an existing file", err=True)
+            ctx.exit(EXIT_TERMINATED)
         except NormswapError as e:
             if ctx.meta.get("normswap.debug"):
                 raise
@@ -37,6 +47,51 @@ class _Group(click.Group):
             click.echo(f"normswap: internal error: {type(e).__name__}: {e}; rerun with --debug and report it",
                        err=True)
             ctx.exit(EXIT_INTERNAL)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            sys.stdout = stdout
+
+
+class _PipeSafe:
+    """stdout that a closed pipe (``normswap convert ... | head``) cannot stop: once the reader is gone, the rest
+    of the table is dropped and the job goes on (the model is still written)."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.closed_pipe = stream, False
+
+    def write(self, text: str) -> int:
+        if not self.closed_pipe:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.closed_pipe:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        import os
+        self.closed_pipe = True
+        try:  # the interpreter's own flush at exit must not fail either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is so that cleanup runs as for Ctrl-C."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -252,3 +252,34 @@ def test_the_api_refuses_to_save_over_the_external_data_it_reads(tmp_path):
     assert data.read_bytes() == before
     result.save(tmp_path / "other.onnx")  # anywhere else is fine
     assert (tmp_path / "other.onnx").exists()
+
+
+@pytest.mark.parametrize("sig,code", [(2, 130), (15, 143)])  # SIGINT, SIGTERM
+def test_an_interrupted_run_exits_with_the_signal_code_and_leaves_no_temporary_file(model_path, sig, code):
+    import signal
+    import time
+    slow = ("import sys, time, normswap.api as api, normswap.cli as cli\n"
+            "def convert(*args, **kwargs):\n"
+            "    open('started', 'w').close()\n"
+            "    time.sleep(60)\n"
+            "api.convert = convert\n"
+            "sys.argv = ['normswap', 'convert', 'm.onnx', '--to', 'fold']\n"
+            "cli.main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", slow], cwd=model_path.parent, stderr=subprocess.PIPE, text=True)
+    for _ in range(300):
+        if (model_path.parent / "started").exists():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.Signals(sig))
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in model_path.parent.iterdir()) == ["m.onnx", "started"]
+
+
+def test_a_closed_stdout_pipe_does_not_stop_the_job(model_path):
+    proc = subprocess.Popen([sys.executable, "-m", "normswap.cli", "convert", str(model_path), "--to", "fold"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # like `| head` that has read enough
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err
+    assert (model_path.parent / "m.fold.onnx").exists() and "Traceback" not in err and "error" not in err
