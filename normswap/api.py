@@ -139,7 +139,7 @@ def convert(model, to: str = "fold", *, groups: int = DEFAULT_GROUPS, group_size
             layer_over: str = "all", calibration=None, refit_output_layer: bool = True,
             choose_groups: bool = True, distill_steps: int = 0, example_inputs=None,
             calibration_batch_size: int = CALIBRATION_BATCH, calibration_memory: int = DEFAULT_MEMORY_BUDGET,
-            keep_unfoldable: bool = False, validate: bool = True,
+            keep_unfoldable: bool = False, allow_nonfinite: bool = False, validate: bool = True,
             provider: str = "auto", inputs: Inputs = None, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
             atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, seed: int = 0, min_cosine: float | None = None,
             min_agreement: float | None = None, opset: int | None = None,
@@ -151,7 +151,8 @@ def convert(model, to: str = "fold", *, groups: int = DEFAULT_GROUPS, group_size
     a tuple of tensors or an iterable of batches) refits the new layers so the network keeps its function;
     ``distill_steps`` (torch) then trains their scale and shift to match the original outputs. Calibration runs
     each model once, segment by segment, keeping activations in memory up to ``calibration_memory`` bytes (a
-    quarter of RAM by default) and on disk beyond. Validation failure
+    quarter of RAM by default) and on disk beyond. A BN with NaN / infinite parameters, a NaN epsilon or a
+    negative variance is refused (``InvalidModelError``) unless ``allow_nonfinite``. Validation failure
     is recorded in the report, not raised. ``progress``: None draws a bar on stderr when it is a terminal, False
     draws none, a callable receives ``(done, total, label)``. Returns a ``ConversionResult`` (ONNX) or
     ``TorchConversionResult``."""
@@ -192,7 +193,8 @@ def convert(model, to: str = "fold", *, groups: int = DEFAULT_GROUPS, group_size
             converted.CopyFrom(original)
     else:  # loaded for this call only: edit it directly (no second copy of the weights), reference = the file
         converted, reference = original, Path(source)
-    options = ReplaceOptions(groups=groups, group_size=group_size, layer_over=layer_over)
+    options = ReplaceOptions(groups=groups, group_size=group_size, layer_over=layer_over,
+                             allow_nonfinite=allow_nonfinite)
     probe = _shape_probe(reference, calib, input_shapes, seed, provider) if replacing else None
     conversion = convert_in_place(converted, to, keep_unfoldable, options, probe)
     notes = conversion.notes

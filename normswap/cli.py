@@ -164,6 +164,8 @@ def _print_validation(v: ValidationReport) -> None:
     for o in v.outputs:
         click.echo(f"  {o.name[:24]:<24} {_fmt(o.max_abs):>10} {_fmt(o.max_rel):>10} {_fmt(o.mean_abs):>10} "
                    f"{_fmt(o.cosine, '.6f'):>10} {_fmt(o.top1_agreement, '.2f'):>6}  {'ok' if o.passed else 'FAIL'}")
+        if o.problem:
+            click.echo(f"  {o.name}: {o.problem}")
 
 
 def _cut(text: str, width: int) -> str:
@@ -314,6 +316,8 @@ def inspect(model: str | None, torch_model: str | None, weights: str | None, as_
               help="Output model (default: <stem>.<target>.onnx beside the input).")
 @click.option("--in-place", is_flag=True, help="Allow the output to replace the input model.")
 @click.option("--keep-unfoldable", is_flag=True, help="With --to fold, leave BNs that cannot fold as BN.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Rewrite BNs with NaN / infinite parameters or a negative variance (refused by default, exit 3).")
 @click.option("--groups", type=int, default=DEFAULT_GROUPS, show_default=True,
               help="--to group: target group count, chosen per layer (largest divisor of C not above it).")
 @click.option("--group-size", type=int, default=None, help="--to group: channels per group instead of --groups.")
@@ -341,7 +345,8 @@ def inspect(model: str | None, torch_model: str | None, weights: str | None, as_
 @click.option("--keep-invalid", is_flag=True, help="Write the output even when validation fails (exit 1).")
 @_validation_options
 def convert(model: str | None, torch_model: str | None, weights: str | None, export_onnx: str | None,
-            distill_steps: int, target: str, output: str | None, in_place: bool, keep_unfoldable: bool, groups: int,
+            distill_steps: int, target: str, output: str | None, in_place: bool, keep_unfoldable: bool,
+            allow_nonfinite: bool, groups: int,
             group_size: int | None, layer_over: str, calibration: str | None, calibrate_norms_only: bool,
             fixed_groups: bool, calibration_batch_size: int, calibration_memory: str | None, opset: int | None,
             min_cosine: float | None, min_agreement: float | None, quiet: bool, validate: bool,
@@ -377,7 +382,8 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
         result = convert_model(model, target, groups=groups, group_size=group_size, layer_over=layer_over,
                                calibration=calibration, refit_output_layer=not calibrate_norms_only,
                                choose_groups=not fixed_groups, calibration_batch_size=calibration_batch_size,
-                               calibration_memory=memory, keep_unfoldable=keep_unfoldable, validate=validate,
+                               calibration_memory=memory, keep_unfoldable=keep_unfoldable,
+                               allow_nonfinite=allow_nonfinite, validate=validate,
                                provider=provider, inputs=inputs, input_shapes=shapes, atol=atol, rtol=rtol,
                                seed=seed, min_cosine=min_cosine, min_agreement=min_agreement, opset=opset,
                                progress=progress)

@@ -60,6 +60,7 @@ class OutputComparison:
     cosine: float
     top1_agreement: float | None
     passed: bool
+    problem: str | None = None  # why the comparison cannot pass, when it is not a difference of values
 
     def __bool__(self) -> bool:
         return self.passed

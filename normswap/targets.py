@@ -44,13 +44,15 @@ class ReplaceOptions:
 
     ``groups`` / ``group_size``: the group target (exactly one is used: ``group_size`` when set); ``layer_over``:
     ``all`` normalizes each sample over all non-batch dims, ``channels`` over C at each position;
-    ``min_group_elements``: values a group must hold per sample (see ``_math.MIN_GROUP_ELEMENTS``).
+    ``min_group_elements``: values a group must hold per sample (see ``_math.MIN_GROUP_ELEMENTS``);
+    ``allow_nonfinite``: rewrite a BN whose parameters are not finite (else the conversion is refused, exit 3).
     """
 
     groups: int = DEFAULT_GROUPS
     group_size: int | None = None
     layer_over: str = "all"
     min_group_elements: int = MIN_GROUP_ELEMENTS
+    allow_nonfinite: bool = False  # rewrite BNs with NaN / infinite parameters, NaN epsilon or negative variance
 
 TARGET_NAMES: tuple[str, ...] = tuple(t.name for t in TARGETS)
 

@@ -1,5 +1,6 @@
 """Validation: provider selection (with a stand-in runtime), inputs, metrics, and reports."""
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -150,3 +151,47 @@ def test_io_binding_path_gives_the_same_values(tmp_path):
     plain, bound = run.run(x, ["y", "c", "x"]), run.run(x, ["y", "c", "x"], bind=True)
     for k in ("y", "c", "x"):
         np.testing.assert_array_equal(plain[k], bound[k])
+
+
+def test_no_samples_or_nonfinite_data_is_refused_with_exit_3(tmp_path):
+    import subprocess
+    import sys
+    from tests.builders import conv_bn
+    m = conv_bn(np.random.default_rng(0))
+    path = tmp_path / "m.onnx"
+    onnx.save_model(m, str(path))
+    x = np.random.default_rng(1).standard_normal((3, 4, 5, 5)).astype(np.float32)
+    cases = {"empty.npz": x[:0], "nan.npz": np.full_like(x, np.nan), "inf.npz": np.where(x > 1, np.inf, x)}
+    for name, array in cases.items():
+        np.savez(tmp_path / name, x=array)
+        r = subprocess.run([sys.executable, "-m", "normswap.cli", "validate", path, path, "--inputs",
+                            tmp_path / name], capture_output=True, text=True)
+        assert r.returncode == 3 and "array 'x'" in r.stderr and len(r.stderr.splitlines()) == 1, (name, r.stderr)
+    np.savez(tmp_path / "ok.npz", x=x)  # the positive case
+    r = subprocess.run([sys.executable, "-m", "normswap.cli", "validate", path, path, "--inputs", tmp_path / "ok.npz"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_calibration_data_that_is_all_nan_is_invalid_input():
+    from normswap.errors import InvalidModelError
+    x = np.full((8, 1, 8, 8), np.nan, np.float32)
+    with pytest.raises(InvalidModelError, match="NaN"):
+        normswap.convert(Path(__file__).parent.parent / "fixtures" / "digits_resnet.onnx", to="layer",
+                         calibration={"x": x}, validate=False)
+
+
+def test_a_reference_output_with_nan_or_no_values_never_passes():
+    from normswap.validate.compare import OutputStats
+    ref = np.array([[1.0, np.nan]])
+    for check in ("exact", "fidelity"):
+        stats = OutputStats("y")
+        stats.add(ref, ref.copy())
+        result = stats.result(check)
+        assert not result.passed and "NaN" in result.problem
+    empty = OutputStats("y")
+    empty.add(np.zeros((0, 3)), np.zeros((0, 3)))
+    assert not empty.result("fidelity").passed and "no values" in empty.result().problem
+    fine = OutputStats("y")
+    fine.add(np.ones((2, 3)), np.ones((2, 3)))
+    assert fine.result().passed and fine.result().problem is None

@@ -180,8 +180,13 @@ def convert_in_place(model: onnx.ModelProto, target: str, keep_unfoldable: bool 
     their spatial size to choose groups)."""
     types, note = infer_value_types(model)
     out = Conversion(notes=[note] if note else [])
-    root = GraphIndex(model.graph, ir_version=model.ir_version, opset=opset_of(model), types=types,
-                      names=NameRegistry(model))
+    names = NameRegistry(model)
+    renamed = _unique_node_names(model, names)
+    if renamed:
+        shown = ", ".join(f"'{a}' -> '{b}'" for a, b in renamed[:5]) + (", ..." if len(renamed) > 5 else "")
+        out.notes.append(f"{len(renamed)} node(s) shared a name with another node (onnxruntime refuses that) and "
+                         f"were renamed: {shown}")
+    root = GraphIndex(model.graph, ir_version=model.ir_version, opset=opset_of(model), types=types, names=names)
     if shape_probe is not None:
         unresolved = _unresolved_bn_inputs(model, types)
         if unresolved:
@@ -189,6 +194,21 @@ def convert_in_place(model: onnx.ModelProto, target: str, keep_unfoldable: bool 
     _convert_graph(root, _SiteConverter(target, keep_unfoldable, options, out))
     root.commit()
     return out
+
+
+def _unique_node_names(model: onnx.ModelProto, names: NameRegistry) -> list[tuple[str, str]]:
+    """Give every node whose (non-empty) name an earlier node already has a fresh name; returns the renames."""
+    from .walk import iter_graphs
+    seen: set[str] = set()
+    renamed = []
+    for _, g in iter_graphs(model.graph):
+        for node in g.node:
+            if node.name and node.name in seen:
+                new = names.fresh(node.name)
+                renamed.append((node.name, new))
+                node.name = new
+            seen.add(node.name)
+    return renamed
 
 
 def other_norm_sites(model: onnx.ModelProto) -> list[dict]:

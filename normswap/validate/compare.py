@@ -4,7 +4,7 @@ Exact checks pass when ``|cand - ref| <= atol + rtol * |ref|`` everywhere (``num
 infinities in the same places. Half-precision outputs (float16 / bfloat16) are compared with at least
 ``HALF_ATOL`` / ``HALF_RTOL``, since their last bit is ~1e-3 of the value. Fidelity checks (non-exact targets)
 pass when the cosine similarity is at least ``min_cosine`` and the top-1 agreement at least ``min_agreement``
-(each only when given).
+(each only when given). Neither passes over no values, or when the reference output holds NaN or infinity.
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ class OutputStats:
         self.max_abs = self.sum_abs = self.max_ref = self.dot = self.rr = self.cc = 0.0
         self.count = self.rows = self.agree = 0
         self.classes = True
+        self.reference_finite = True
 
     def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
         ref_a, cand_a = np.asarray(ref), np.asarray(cand)
@@ -60,6 +61,7 @@ class OutputStats:
             self.same_shape = False
             return
         r, c = ref_a.astype(np.float64), cand_a.astype(np.float64)
+        self.reference_finite &= bool(np.isfinite(r).all())
         finite = np.isfinite(r) & np.isfinite(c)
         self.same_nonfinite &= bool(np.array_equal(np.where(finite, 0, r), np.where(finite, 0, c), equal_nan=True))
         rf, cf = r[finite], c[finite]
@@ -100,9 +102,15 @@ class OutputStats:
         else:
             passed = (self.same_nonfinite and (min_cosine is None or self.cosine >= min_cosine)
                       and (min_agreement is None or top1 is None or top1 >= min_agreement))
+        problem = None
+        if not self.reference_finite:
+            problem = "the reference output holds NaN or infinity: nothing can be confirmed"
+        elif not self.count:
+            problem = "no values were compared (no samples)"
         mean_abs = self.sum_abs / self.count if self.count else 0.0
         return OutputComparison(self.name, shape, self.dtype, _finite(self.max_abs), _finite(max_rel),
-                                _finite(mean_abs), _finite(self.cosine), top1, passed)
+                                _finite(mean_abs), _finite(self.cosine), top1, passed and problem is None,
+                                problem)
 
 
 def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float = DEFAULT_ATOL,

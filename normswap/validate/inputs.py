@@ -116,5 +116,12 @@ def check_feeds(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, source
                 a = a.astype(want)
             else:
                 raise UsageError(f"array '{vi.name}' in {source} is {a.dtype} but the input is {want}")
+        if a.ndim and a.shape[0] == 0:
+            raise InvalidModelError(f"array '{vi.name}' in {source} holds no samples (its first dimension is 0); "
+                                    "give at least one")
+        if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            raise InvalidModelError(f"array '{vi.name}' in {source} holds {bad} NaN or infinite value(s) of "
+                                    f"{a.size}; nothing can be calibrated or validated on them -- clean the data")
         feeds[vi.name] = a
     return feeds

@@ -1,4 +1,6 @@
 """Guards shared by all rewrites, the affine fallback, subgraphs and what a conversion must preserve."""
+import warnings
+
 import numpy as np
 import onnx
 import pytest
@@ -265,3 +267,46 @@ def test_custom_domain_producers_are_not_folded_into():
     r = normswap.convert(m, to="fold", validate=False)
     assert r.report.layers[0].action == "affine" and "com.example" not in str(r.model.graph.initializer)
     assert r.model.graph.node[0].input[1] == "W"
+
+
+@pytest.mark.parametrize("role,value", [("gamma", np.nan), ("beta", np.inf), ("mean", -np.inf), ("var", -3.0)])
+def test_nonfinite_bn_parameters_are_refused_naming_the_layer(role, value):
+    import normswap
+    from tests.builders import conv_bn
+    m = conv_bn(np.random.default_rng(0))
+    tensor = next(t for t in m.graph.initializer if t.name == f"bn.{role}")
+    array = onnx.numpy_helper.to_array(tensor).copy()
+    array[2] = value
+    tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
+    with pytest.raises(normswap.InvalidModelError, match="BatchNormalization 'bn'"):
+        normswap.convert(m, to="fold", validate=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no raw numpy RuntimeWarning either
+        allowed = normswap.convert(m, to="fold", validate=False, allow_nonfinite=True)
+    assert allowed.report.layers[0].action == "folded"
+
+
+def test_a_nan_epsilon_is_refused_and_finite_parameters_pass():
+    import normswap
+    from tests.builders import conv_bn
+    m = conv_bn(np.random.default_rng(0), eps=float("nan"))
+    with pytest.raises(normswap.InvalidModelError, match="epsilon nan"):
+        normswap.convert(m, to="fold", validate=False)
+    assert normswap.convert(conv_bn(np.random.default_rng(0)), to="fold").report.passed
+
+
+def test_duplicate_node_names_are_made_unique_and_reported():
+    import onnxruntime as ort
+    rng = np.random.default_rng(0)
+    names, params = bn_params(4, rng)
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="dup"), bn_node("a", "b", names, name="bn"),
+             helper.make_node("Relu", ["b"], ["y"], name="dup")]
+    m = model(nodes, [vi("x", [2, 4, 3, 3])], [out("y", 4)], params)
+    result = normswap.convert(m, to="affine", validate=False)
+    got = [n.name for n in result.model.graph.node]
+    assert len(got) == len(set(got)) and "dup" in got
+    assert any("renamed" in note and "'dup' -> 'dup_2'" in note for note in result.report.notes)
+    ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    unique = normswap.convert(model([helper.make_node("Relu", ["x"], ["a"], name="r1"), bn_node("a", "y", names)],
+                                    [vi("x", [2, 4, 3, 3])], [out("y", 4)], params), to="affine", validate=False)
+    assert not any("renamed" in note for note in unique.report.notes)  # the negative case: nothing to report

@@ -123,7 +123,13 @@ def read_bn_site(graph: GraphIndex, i: int, options: ReplaceOptions = DEFAULT_RE
     if any(not np.issubdtype(p.dtype, np.floating) and p.dtype.name != "bfloat16" for p in params):
         return Skip("its parameters are not floating point")
     eps = float(attr(node, "epsilon", 1e-5))
-    s, t = bn_affine(*params, eps)
+    problem = nonfinite_problem(params, eps)
+    if problem and not options.allow_nonfinite:
+        from ...errors import InvalidModelError
+        raise InvalidModelError(f"BatchNormalization '{site_name(node)}' has {problem}; fix the model, or pass "
+                                "--allow-nonfinite (allow_nonfinite=True) to rewrite it anyway")
+    with np.errstate(all="ignore"):
+        s, t = bn_affine(*params, eps)
     x_type = graph.value_type(node.input[0])
     channels = int(params[0].size)
     if x_type is not None and x_type.dims is not None:
@@ -134,6 +140,20 @@ def read_bn_site(graph: GraphIndex, i: int, options: ReplaceOptions = DEFAULT_RE
             return Skip(f"its input has {c} channels but its parameters have {channels}")
     return BnSite(graph, i, site_name(node), node.input[0], node.output[0], s, t, channels, x_type, eps, options,
                   params[0].astype(np.float64), params[1].astype(np.float64))
+
+
+def nonfinite_problem(params: list[np.ndarray], eps: float) -> str | None:
+    """What makes a BN's (scale, bias, mean, variance, epsilon) not a finite affine map, or None."""
+    for value, role in zip(params, ("scale", "bias", "mean", "variance")):
+        bad = int(value.size - np.count_nonzero(np.isfinite(np.asarray(value, np.float64))))
+        if bad:
+            return f"{bad} NaN or infinite value(s) in its {role}"
+    if not np.isfinite(eps) or eps < 0:
+        return f"epsilon {eps}"
+    negative = int(np.count_nonzero(np.asarray(params[3], np.float64) + eps <= 0))
+    if negative:
+        return f"{negative} variance(s) + epsilon not positive"
+    return None
 
 
 def cast_like(array: np.ndarray, elem_type: int) -> np.ndarray:
