@@ -31,6 +31,8 @@ def _load(model: ModelLike, copy: bool) -> tuple[onnx.ModelProto, str, bool]:
     """(model we may edit, description of the source, whether it had external data)."""
     from .onnx.io import load_model
     if isinstance(model, onnx.ModelProto):
+        from .onnx.structure import check_structure
+        check_structure(model)
         if not copy:
             return model, "<ModelProto>", False
         clone = onnx.ModelProto()

@@ -211,3 +211,30 @@ def test_external_data_is_converted_lazily_and_written_without_absolute_paths(tm
     inline = tmp_path / "inline.onnx"
     r.save(inline, external_data=False)  # bound tensors are streamed into one file too
     assert normswap.validate(m, inline).passed
+
+
+@pytest.mark.parametrize("location", ["bad\0name.bin", "x" * 300 + ".bin", "d/" * 2100 + "x.bin"])
+def test_an_impossible_external_location_is_invalid_input(tmp_path, location):
+    from normswap.errors import InvalidModelError
+    from normswap.onnx.io import load_model
+    m = conv_bn(np.random.default_rng(0))
+    t = m.graph.initializer[0]
+    t.data_location = onnx.TensorProto.EXTERNAL
+    del t.external_data[:]
+    t.external_data.add(key="location", value=location)
+    t.ClearField("raw_data")
+    path = tmp_path / "m.onnx"
+    path.write_bytes(m.SerializeToString())
+    with pytest.raises(InvalidModelError, match="location no file can have"):
+        load_model(path)
+
+
+def test_external_data_entries_on_an_internal_tensor_are_invalid(tmp_path):
+    from normswap.errors import InvalidModelError
+    from normswap.onnx.io import load_model
+    m = conv_bn(np.random.default_rng(0))
+    m.graph.initializer[0].external_data.add(key="location", value="w.bin")  # data_location stays DEFAULT
+    path = tmp_path / "m.onnx"
+    path.write_bytes(m.SerializeToString())
+    with pytest.raises(InvalidModelError, match="not marked EXTERNAL"):
+        load_model(path)

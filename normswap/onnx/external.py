@@ -67,6 +67,9 @@ def resolve(tensor: onnx.TensorProto, base: Path) -> tuple[Path, int, int]:
     name = tensor.name or "<unnamed>"
     if not location:
         raise InvalidModelError(f"tensor '{name}' is marked external but names no location")
+    if "\0" in location or len(location.encode()) > 4096 or any(len(p.encode()) > 255 for p in Path(location).parts):
+        raise InvalidModelError(f"external data of tensor '{name}' has a location no file can have (a NUL byte, "
+                                "or longer than the file system allows); the model is corrupt")
     rel = Path(location)
     if rel.is_absolute() or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
         raise InvalidModelError(f"external data of tensor '{name}' has the absolute location '{location}'; "

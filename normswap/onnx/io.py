@@ -68,6 +68,8 @@ def parse_model_bytes(data: bytes, source: str) -> onnx.ModelProto:
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise InvalidModelError(
             f"'{source}' parses but is not an ONNX model (no IR version, graph or opset); pass a .onnx file")
+    from .structure import check_structure
+    check_structure(model)
     return model
 
 

@@ -60,6 +60,11 @@ def match(site: BnSite) -> ConvMatch | Skip | None:
     out_channels = weight.shape[0] if conv.op_type == "Conv" else weight.shape[1] * group
     if out_channels != site.channels:
         return Skip(f"the {conv.op_type} has {out_channels} output channels but the BN has {site.channels}")
+    if bias is not None and bias.shape != (out_channels,):
+        from ...errors import InvalidModelError
+        raise InvalidModelError(f"{conv.op_type} '{conv.name or conv.output[0]}' has a bias of shape "
+                                f"{tuple(bias.shape)}; a {conv.op_type} bias is a vector of its {out_channels} "
+                                "output channels (the model is invalid)")
     add_bias = None
     if add_i is not None:
         add_bias = per_channel_vector(added, site.channels, weight.ndim)

@@ -1,0 +1,120 @@
+"""Structural checks of a parsed model, before anything reads it: what would otherwise end in an internal error.
+
+Every tensor (initializers, Constant and other tensor attributes, in every graph) must have a known element type
+and a payload that matches its dims (raw bytes of exactly the element size times the element count, or that many
+typed values); external tensors are checked against their files by ``external`` when they are read. Every node
+must be a known operator with as many inputs and outputs as its schema allows (default domain), and read only
+values defined before it (graph inputs, initializers, earlier node outputs, or an enclosing
+graph's values): a graph out of topological order or with a cycle is refused. A BatchNormalization needs an
+input and an output. Linear in the size of the model; no weight is copied.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..errors import InvalidModelError
+from .walk import subgraphs_of
+
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _element_count(tensor: onnx.TensorProto) -> int:
+    if any(d < 0 for d in tensor.dims):
+        raise InvalidModelError(f"tensor '{tensor.name}' has a negative dimension {list(tensor.dims)}")
+    return int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+
+
+def check_tensor(tensor: onnx.TensorProto, where: str) -> None:
+    """Known element type, payload consistent with the dims (external payloads are checked when read)."""
+    what = f"tensor '{tensor.name}' ({where})"
+    if tensor.data_type == onnx.TensorProto.UNDEFINED or tensor.data_type not in onnx.TensorProto.DataType.values():
+        raise InvalidModelError(f"{what} has an unknown element type ({tensor.data_type}); the model is corrupt")
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return
+    if tensor.external_data:
+        raise InvalidModelError(f"{what} lists external data but is not marked EXTERNAL; the model is corrupt")
+    count = _element_count(tensor)
+    if tensor.data_type == onnx.TensorProto.STRING:
+        if tensor.raw_data or len(tensor.string_data) != count:
+            raise InvalidModelError(f"{what} is a string tensor of {count} elements holding "
+                                    f"{len(tensor.string_data)} strings and {len(tensor.raw_data)} raw bytes")
+        return
+    from .external import tensor_nbytes
+    try:
+        expected = tensor_nbytes(tensor)
+    except Exception:  # an element type numpy has no counterpart for
+        raise InvalidModelError(f"{what} has element type {tensor.data_type}, which normswap cannot read") from None
+    if tensor.HasField("raw_data"):
+        if expected is not None and len(tensor.raw_data) != expected:
+            raise InvalidModelError(f"{what} holds {len(tensor.raw_data)} bytes of data, but its dims "
+                                    f"{list(tensor.dims)} need {expected}")
+        return
+    typed = [len(getattr(tensor, f)) for f in _TYPED_FIELDS if len(getattr(tensor, f))]
+    if typed and tensor.data_type not in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        held = typed[0]
+        complex_type = tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
+        needed = count * (2 if complex_type else 1)
+        if held != needed:
+            raise InvalidModelError(f"{what} holds {held} values, but its dims {list(tensor.dims)} need {needed}")
+    elif not typed and count:
+        raise InvalidModelError(f"{what} has dims {list(tensor.dims)} but no data")
+
+
+def _check_arity(node: onnx.NodeProto, opset: int, label: str) -> None:
+    """A default-domain node must be a known operator with a number of inputs and outputs its schema allows."""
+    if node.domain not in ("", "ai.onnx"):
+        return
+    try:
+        schema = onnx.defs.get_schema(node.op_type, max_inclusive_version=opset, domain="")
+    except Exception:  # onnx.defs.SchemaError
+        raise InvalidModelError(f"{label} is '{node.op_type}', which is no ONNX operator at opset {opset}") from None
+    inputs = given = len(node.input)  # an empty name still holds an optional input's place
+    while inputs and not node.input[inputs - 1]:  # trailing empty names are omitted optional inputs
+        inputs -= 1
+    if given < schema.min_input or inputs > schema.max_input:
+        raise InvalidModelError(f"{label} ({node.op_type}) has {inputs} input(s); the operator takes "
+                                f"{schema.min_input} to {schema.max_input}")
+    outputs = len(node.output)
+    if not schema.min_output <= outputs <= schema.max_output:
+        raise InvalidModelError(f"{label} ({node.op_type}) has {outputs} output(s); the operator gives "
+                                f"{schema.min_output} to {schema.max_output}")
+
+
+def _check_graph(graph: onnx.GraphProto, outer: set[str], path: str, opset: int) -> None:
+    defined = set(outer) | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    for t in graph.initializer:
+        check_tensor(t, f"initializer of {path}")
+    for t in graph.sparse_initializer:
+        check_tensor(t.values, f"sparse initializer of {path}")
+        check_tensor(t.indices, f"sparse initializer of {path}")
+    for k, node in enumerate(graph.node):
+        label = f"node '{node.name or node.op_type}' (#{k} of {path})"
+        _check_arity(node, opset, label)
+        for name in node.input:
+            if name and name not in defined:
+                raise InvalidModelError(f"{label} reads '{name}', which no earlier node, input or initializer "
+                                        "defines (the graph has a cycle or is not in topological order)")
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                check_tensor(attr.t, f"attribute '{attr.name}' of {label}")
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                for t in attr.tensors:
+                    check_tensor(t, f"attribute '{attr.name}' of {label}")
+            elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                check_tensor(attr.sparse_tensor.values, f"attribute '{attr.name}' of {label}")
+        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx") and (
+                not node.input or not node.input[0] or not node.output or not node.output[0]):
+            raise InvalidModelError(f"{label} is a BatchNormalization without an input or an output")
+        for sub in subgraphs_of(node):
+            _check_graph(sub, defined, f"{path}/{node.name or node.op_type}", opset)
+        defined.update(o for o in node.output if o)
+    for out in graph.output:
+        if out.name not in defined:
+            raise InvalidModelError(f"output '{out.name}' of {path} is computed by no node")
+
+
+def check_structure(model: onnx.ModelProto) -> None:
+    """Raise ``InvalidModelError`` (exit 3) naming the tensor or node when the model is structurally broken."""
+    from .io import opset_of
+    _check_graph(model.graph, set(), "the main graph", opset_of(model))
