@@ -21,3 +21,20 @@ def test_example_runs(page, k, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     previous = [c for p, j, c in BLOCKS if p == page and j < k]  # blocks of a page build on each other
     exec(compile("\n".join(previous + [code]), f"{page}[{k}]", "exec"), {})
+
+
+def test_every_test_named_in_the_guarantees_exists():
+    root = ROOT
+    text = (root / "docs" / "guarantees.md").read_text()
+    named = 0
+    for row in text.splitlines():
+        current = None
+        for ref in re.findall(r"`(tests/[\w/]+\.py)?(?:::(\w+))?`", row):
+            path, name = ref
+            current = path or current
+            assert current, row
+            source = (root / current).read_text()
+            if name:
+                assert f"def {name}(" in source, f"{current}::{name} is named in docs/guarantees.md but does not exist"
+                named += 1
+    assert named >= 25

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -238,3 +239,21 @@ def test_external_data_entries_on_an_internal_tensor_are_invalid(tmp_path):
     path.write_bytes(m.SerializeToString())
     with pytest.raises(InvalidModelError, match="not marked EXTERNAL"):
         load_model(path)
+
+
+@pytest.mark.parametrize("target", ["fold", "group"])
+def test_the_same_conversion_writes_the_same_bytes(tmp_path, target):
+    import normswap
+    fixtures = Path(__file__).parent.parent / "fixtures"
+    x = np.load(fixtures / "digits_heldout.npz")["x"][:64]
+    calibration = {"x": x} if target == "group" else None
+    outputs = []
+    for k in range(2):
+        result = normswap.convert(fixtures / "digits_resnet.onnx", to=target, calibration=calibration,
+                                  validate=False, progress=False)
+        result.save(tmp_path / f"run{k}.onnx")
+        outputs.append((tmp_path / f"run{k}.onnx").read_bytes())
+    assert outputs[0] == outputs[1]
+    other = normswap.convert(fixtures / "digits_resnet.onnx", to="affine", validate=False, progress=False)
+    other.save(tmp_path / "other.onnx")
+    assert (tmp_path / "other.onnx").read_bytes() != outputs[0]  # the comparison can tell files apart
