@@ -257,3 +257,19 @@ def test_the_same_conversion_writes_the_same_bytes(tmp_path, target):
     other = normswap.convert(fixtures / "digits_resnet.onnx", to="affine", validate=False, progress=False)
     other.save(tmp_path / "other.onnx")
     assert (tmp_path / "other.onnx").read_bytes() != outputs[0]  # the comparison can tell files apart
+
+
+def test_stale_temporary_files_of_killed_runs_are_removed_on_the_next_write(tmp_path):
+    import normswap
+    from normswap.onnx.io import TEMP_TAG
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process id that no longer runs
+    stale = tmp_path / f".old.onnx.{TEMP_TAG}{gone.pid}-abc.tmp"
+    live = tmp_path / f".old.onnx.{TEMP_TAG}{os.getpid()}-def.tmp"  # a run still writing
+    foreign = tmp_path / ".notes.tmp"  # not normswap's
+    for p in (stale, live, foreign):
+        p.write_bytes(b"partial")
+    m = tmp_path / "m.onnx"
+    onnx.save_model(conv_bn(np.random.default_rng(0)), str(m))
+    normswap.convert(m, to="fold", validate=False, progress=False).save(tmp_path / "out.onnx")
+    assert not stale.exists() and live.exists() and foreign.exists()

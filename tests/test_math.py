@@ -214,12 +214,13 @@ def test_ridge_solve_is_least_squares_for_small_ridge():
     np.testing.assert_allclose(ridge_solve(h.T @ h, h.T @ (h @ w), 1e-12), w, rtol=1e-6)
 
 
-@settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 10_000), groups_log=st.integers(0, 3), spatial=st.integers(1, 6),
+@settings(max_examples=60, deadline=None, derandomize=True)  # the same examples in every CI run
+@given(seed=st.integers(0, 10_000), groups_log=st.integers(0, 2), spatial=st.integers(2, 6),
        offset=st.floats(-100, 100), centred=st.booleans())
 def test_group_fit_sums_equal_sums_of_the_normalized_input(seed, groups_log, spatial, offset, centred):
     """The moment algebra gives the same fit sums as normalizing x explicitly (float64), for every group
-    count, with or without a per-channel shift taken before the moments."""
+    count, with or without a per-channel shift taken before the moments. Groups hold at least 8 values, as
+    calibration's do (``MIN_GROUP_ELEMENTS``): a group of two values is too ill-conditioned to compare."""
     from normswap._math import AffineFit, group_fit_sums, group_normalize
     rng = np.random.default_rng(seed)
     c, groups = 8, 2 ** groups_log

@@ -232,12 +232,52 @@ def file_mode(dest: Path) -> int:
         return 0o666 & ~umask
 
 
+TEMP_TAG = "normswap-"
+
+
+def temp_prefix(dest: Path) -> str:
+    """Hidden temporary files carry normswap's tag and the writing process's id, so a later run can tell its own
+    leftovers (a SIGKILL leaves them) from files another live run is writing."""
+    return f".{dest.name}.{TEMP_TAG}{os.getpid()}-"
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove normswap's temporary files in ``folder`` whose writing process is gone; returns them."""
+    removed = []
+    try:
+        candidates = list(folder.glob(f".*.{TEMP_TAG}*-*.tmp"))
+    except OSError:
+        return removed
+    for path in candidates:
+        pid_text = path.name.rsplit(TEMP_TAG, 1)[1].split("-", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process (or not a pid we can ask about): leave its files alone
+    return True
+
+
 def write_atomically(dest: Path, write) -> None:
     """Call ``write(fileobj)`` on a temp file beside ``dest``, fsync, then rename over ``dest`` (with the mode a
-    plain write would give it: mkstemp's 0600 would hide the model from other users)."""
+    plain write would give it: mkstemp's 0600 would hide the model from other users). Stale temporary files of
+    earlier, killed runs in that folder are removed first."""
     folder = dest.parent
+    remove_stale_temps(folder)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(dest), suffix=".tmp", dir=folder)
     except OSError as e:
         raise OutputError(f"cannot write to folder '{folder}': {e.strerror}; choose a writable output path") from None
     try:

@@ -40,7 +40,9 @@ class TorchConversionResult:
         if not path.parent.exists():
             raise OutputError(f"output folder '{path.parent}' does not exist; create it first")
         from ..onnx.io import file_mode
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        from ..onnx.io import remove_stale_temps, temp_prefix
+        remove_stale_temps(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
             save_model(self.model, tmp)

@@ -2,7 +2,8 @@
 
 The shipped fixture is mutated at the protobuf level -- dims, payload length, element type, node inputs and
 outputs, attributes, rewiring into cycles, op types -- and converted (fold, and group without calibration) and
-inspected. CI runs a bounded number of examples; set NORMSWAP_FUZZ_EXAMPLES for a longer run (docs/safety.md).
+inspected. CI runs a bounded, fixed set of examples; set NORMSWAP_FUZZ_EXAMPLES for a longer, random run
+(docs/safety.md).
 """
 import os
 import warnings
@@ -74,7 +75,8 @@ def _mutate(model: onnx.ModelProto, kind: str, a: int, b: int, value: int) -> No
                 conv.input.append("odd_bias")
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          derandomize="NORMSWAP_FUZZ_EXAMPLES" not in os.environ)  # CI: the same examples every run
 @given(kinds=st.lists(st.sampled_from(MUTATIONS), min_size=1, max_size=3), a=st.integers(0, 10_000),
        b=st.integers(0, 10_000), value=st.integers(0, 10_000), target=st.sampled_from(["fold", "group"]))
 def test_a_malformed_model_ends_in_a_normswap_error(kinds, a, b, value, target):
