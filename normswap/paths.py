@@ -35,9 +35,9 @@ def external_files(model: Path) -> list[Path]:
         proto = onnx.load_model(str(model), load_external_data=False)
     except Exception:  # unreadable or not a model: the loader reports that, with its own exit code
         return []
-    from .onnx.walk import iter_tensors
+    from .onnx.walk import iter_all_tensors
     files = set()
-    for tensor in iter_tensors(proto.graph):
+    for tensor in [*proto.graph.initializer, *iter_all_tensors(proto)]:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             location = next((e.value for e in tensor.external_data if e.key == "location"), None)
             if location:

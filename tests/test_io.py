@@ -273,3 +273,45 @@ def test_stale_temporary_files_of_killed_runs_are_removed_on_the_next_write(tmp_
     onnx.save_model(conv_bn(np.random.default_rng(0)), str(m))
     normswap.convert(m, to="fold", validate=False, progress=False).save(tmp_path / "out.onnx")
     assert not stale.exists() and live.exists() and foreign.exists()
+
+
+def _external(tensor: onnx.TensorProto, location: str) -> None:
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    tensor.external_data.add(key="location", value=location)
+    tensor.ClearField("raw_data")
+
+
+@pytest.mark.parametrize("where", ["sparse_initializer", "sparse_attribute", "function_body", "subgraph"])
+@pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd"])
+def test_every_tensor_of_the_model_gets_the_external_data_checks(tmp_path, where, location):
+    from onnx import helper
+    from normswap.errors import InvalidModelError
+    from normswap.onnx.io import load_model
+    m = conv_bn(np.random.default_rng(0))
+    values = onnx.numpy_helper.from_array(np.ones(2, np.float32), "v")
+    indices = onnx.numpy_helper.from_array(np.array([0, 3], np.int64), "i")
+    sparse = helper.make_sparse_tensor(values, indices, [4])
+    if where == "sparse_initializer":
+        m.graph.sparse_initializer.append(sparse)
+        _external(m.graph.sparse_initializer[0].values, location)
+    elif where == "sparse_attribute":
+        node = helper.make_node("Constant", [], ["c"], sparse_value=sparse)
+        _external(node.attribute[0].sparse_tensor.values, location)
+        m.graph.node.append(node)
+    elif where == "function_body":
+        node = helper.make_node("Constant", [], ["c"], value=onnx.numpy_helper.from_array(np.ones(3, np.float32)))
+        _external(node.attribute[0].t, location)
+        m.functions.append(helper.make_function("local", "F", [], ["c"], [node], [helper.make_opsetid("", 17)]))
+    else:
+        body_const = helper.make_node("Constant", [], ["k"], value=onnx.numpy_helper.from_array(np.ones(1, np.float32)))
+        _external(body_const.attribute[0].t, location)
+        body = helper.make_graph([body_const], "body", [], [helper.make_tensor_value_info("k", 1, [1])])
+        m.graph.node.append(helper.make_node("If", ["cond"], ["z"], then_branch=body, else_branch=body))
+        m.graph.initializer.append(onnx.numpy_helper.from_array(np.array(True), "cond"))
+    path = tmp_path / "sub" / "m.onnx"
+    path.parent.mkdir()
+    path.write_bytes(m.SerializeToString())
+    (tmp_path / "outside.bin").write_bytes(b"\0" * 64)
+    with pytest.raises(InvalidModelError, match="absolute location|escapes the model's folder"):
+        load_model(path)

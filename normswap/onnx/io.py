@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from ..errors import InvalidModelError, OutputError, UsageError
 from . import external
 from .external import tensor_nbytes
-from .walk import iter_graphs, iter_tensors
+from .walk import iter_all_tensors, iter_graphs
 
 # Save with external data well below the hard protobuf limit (the serialized size grows with headers).
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
@@ -89,8 +89,8 @@ def load_model(path: str | os.PathLike, lazy_external: bool = False) -> LoadedMo
         if external.is_external(tensor):
             had_external = True
             (external.bind if lazy_external else external.load_into)(tensor, base)
-    for tensor in iter_tensors(model.graph, main_initializers=False):  # subgraphs, Constant attributes: loaded
-        if external.is_external(tensor):
+    for tensor in iter_all_tensors(model):  # every other tensor, sparse parts and function bodies too: loaded
+        if external.is_external(tensor):  # (after the same checks as the main graph's)
             had_external = True
             external.load_into(tensor, base)
     return LoadedModel(model, p, had_external)

@@ -50,3 +50,36 @@ def free_names(graph: onnx.GraphProto) -> set[str]:
             used |= free_names(sub)
     used.update(o.name for o in graph.output)
     return used - defined
+
+
+def iter_all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of a model except the main graph's dense initializers: subgraph initializers, the parts
+    of sparse initializers and sparse attributes, tensor attributes, in every graph and every local function."""
+    graphs = [g for _, g in iter_graphs(model.graph)]
+    nodes = [n for g in graphs for n in g.node]
+    for function in model.functions:
+        for node in function.node:
+            nodes.append(node)
+            for sub in subgraphs_of(node):
+                for _, g in iter_graphs(sub):
+                    graphs.append(g)
+                    nodes.extend(g.node)
+    for g in graphs:
+        if g is not model.graph:
+            yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                yield attr.sparse_tensor.values
+                yield attr.sparse_tensor.indices
+            elif attr.type == onnx.AttributeProto.SPARSE_TENSORS:
+                for sparse in attr.sparse_tensors:
+                    yield sparse.values
+                    yield sparse.indices
