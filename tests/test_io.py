@@ -315,3 +315,49 @@ def test_every_tensor_of_the_model_gets_the_external_data_checks(tmp_path, where
     (tmp_path / "outside.bin").write_bytes(b"\0" * 64)
     with pytest.raises(InvalidModelError, match="absolute location|escapes the model's folder"):
         load_model(path)
+
+
+def test_rewriting_an_external_data_model_keeps_one_data_file_beside_it(tmp_path):
+    from normswap.onnx.io import load_model, save_model
+    m = conv_bn(np.random.default_rng(0), cin=16, cout=32)  # a weight large enough to go to the data file
+    out = tmp_path / "out.onnx"
+    for _ in range(3):
+        save_model(m, out, external_data=True)
+        data = sorted(p.name for p in tmp_path.glob("out.onnx*.data"))
+        assert len(data) == 1, data  # the data file of the replaced model went with it
+        loaded = load_model(out).model
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(loaded.graph.initializer[0]),
+                                      onnx.numpy_helper.to_array(m.graph.initializer[0]))
+    keep = tmp_path / "out.onnx.notes.txt.data"  # not a name normswap gives: never removed
+    keep.write_bytes(b"x")
+    save_model(m, out, external_data=True)
+    assert keep.exists()
+
+
+def test_a_failed_model_write_leaves_no_orphan_data_file(tmp_path, monkeypatch):
+    import normswap.onnx.io as io
+    m = conv_bn(np.random.default_rng(0), cin=16, cout=32)
+    out = tmp_path / "out.onnx"
+    io.save_model(m, out, external_data=True)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    real = io.write_atomically
+
+    def full_disk(dest, write):
+        if dest.suffix == ".onnx":
+            raise normswap_errors().OutputError(f"cannot write '{dest}': No space left on device")
+        return real(dest, write)
+    monkeypatch.setattr(io, "write_atomically", full_disk)
+    with pytest.raises(normswap_errors().OutputError):
+        io.save_model(m, out, external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # old model and its data untouched, nothing new
+
+
+def normswap_errors():
+    import normswap.errors
+    return normswap.errors
+
+
+def test_a_model_with_only_small_tensors_gets_no_empty_data_file(tmp_path):
+    from normswap.onnx.io import save_model
+    written = save_model(conv_bn(np.random.default_rng(0)), tmp_path / "small.onnx", external_data=True)
+    assert written == [tmp_path / "small.onnx"] and not list(tmp_path.glob("*.data"))

@@ -300,7 +300,8 @@ def write_atomically(dest: Path, write) -> None:
 
 def _external_name(dest: Path) -> str:
     """Data file name for ``dest``: ``<name>.data``, or a fresh unique name when that file already exists
-    (so an existing model never points at a half-written data file)."""
+    (so an existing model never points at a half-written data file; the old one is removed once the new model is
+    in place, see ``_remove_replaced_data``)."""
     candidate = dest.name + ".data"
     if not (dest.parent / candidate).exists():
         return candidate
@@ -318,7 +319,8 @@ def save_model(model: onnx.ModelProto, dest: str | os.PathLike, external_data: b
     if not dest.parent.exists():
         raise OutputError(f"output folder '{dest.parent}' does not exist; create it first")
     plan = _Plan(model, progress)
-    if not external_data and plan.size <= EXTERNAL_DATA_THRESHOLD:
+    large = any((tensor_nbytes(t) or 0) >= EXTERNAL_TENSOR_MIN_BYTES for t in model.graph.initializer)
+    if (not external_data and plan.size <= EXTERNAL_DATA_THRESHOLD) or not large:  # no tensor to put aside
         write_atomically(dest, plan.write)
         return [dest]
     data_name = _external_name(dest)
@@ -352,12 +354,34 @@ def save_model(model: onnx.ModelProto, dest: str | os.PathLike, external_data: b
             headers.append(header)
             offset += length
 
-    write_atomically(dest.parent / data_name, write_data)
+    from ..paths import external_files
+    replaced = external_files(dest) if dest.is_file() else []  # what the model being replaced reads
+    data_path = dest.parent / data_name
+    write_atomically(data_path, write_data)
     skeleton = without_field(model, "graph")
     skeleton.graph.CopyFrom(without_field(model.graph, "initializer"))
     skeleton.graph.initializer.extend(headers)  # small tensors are copied, large ones are headers only
-    write_atomically(dest, lambda f: f.write(skeleton.SerializeToString()))
-    return [dest, dest.parent / data_name]
+    try:
+        write_atomically(dest, lambda f: f.write(skeleton.SerializeToString()))
+    except BaseException:  # the model was not replaced: its new data file is an orphan
+        data_path.unlink(missing_ok=True)
+        raise
+    _remove_replaced_data(dest, replaced, data_path, model)
+    return [dest, data_path]
+
+
+def _remove_replaced_data(dest: Path, replaced: list[Path], written: Path, model: onnx.ModelProto) -> None:
+    """Once ``dest`` is in place, remove the data files the model it replaced used -- those of normswap's naming
+    for ``dest`` (``<name>.data``, ``<name>.<hex>.data``) that the saved model itself no longer reads -- so a
+    model written again and again keeps one data file beside it."""
+    still_read = {os.path.realpath(external.bound_ref(t)[0]) for t in model.graph.initializer
+                  if external.is_external(t)}
+    for old in replaced:
+        name = old.name
+        ours = name == f"{dest.name}.data" or (name.startswith(f"{dest.name}.") and name.endswith(".data")
+                                               and len(name.split(".")) == len(dest.name.split(".")) + 2)
+        if ours and old.parent == dest.parent and os.path.realpath(old) not in still_read and old != written:
+            old.unlink(missing_ok=True)
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
