@@ -39,6 +39,12 @@ class _Group(click.Group):
                 raise
             click.echo(f"normswap: error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except click.UsageError as e:  # click's own (a bad option value): one line too, same exit code
+            if ctx.meta.get("normswap.debug"):
+                raise
+            where = f"normswap {e.ctx.info_name}" if e.ctx is not None and e.ctx.info_name else "normswap"
+            click.echo(f"normswap: error: {e.format_message().rstrip('.')}; see '{where} --help'", err=True)
+            ctx.exit(e.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as e:  # a bug: say so in one line

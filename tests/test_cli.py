@@ -79,7 +79,9 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_usage_errors_exit_2(model_path):
-    assert cli("convert", model_path, "--to", "nonsense").returncode == 2
+    for args in (["--to", "nonsense"], ["--to", "fold", "-o", str(model_path.parent)]):
+        r = cli("convert", model_path, *args)  # click's own errors are one line too
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--help" in r.stderr, r.stderr
     assert cli("convert", model_path).returncode == 2  # --to is required
     r = cli("convert", model_path, "--to", "fold", "--input-shape", "x:a,b")
     assert r.returncode == 2 and "--input-shape" in r.stderr
