@@ -50,12 +50,21 @@ def _candidates(norm: NewNorm, choose_groups: bool) -> tuple[int | None, ...]:
     return (norm.groups,)
 
 
-def _apply_groups(inits: dict[str, onnx.TensorProto], norm: NewNorm, groups: int, sse: dict) -> None:
-    """Re-point the emitted GroupNorm at ``groups`` groups (reshape shape and unit InstanceNorm parameters)."""
+def _apply_groups(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], norm: NewNorm, groups: int,
+                  sse: dict) -> None:
+    """Re-point the emitted GroupNorm at ``groups`` groups (reshape shape and unit InstanceNorm parameters); where
+    the model lists initializers among its inputs (IR < 4), their declared shapes follow."""
     shape, ones, zeros = norm.group_consts
     overwrite_initializer(inits[shape], np.array([0, groups, -1], np.int64), keep_shape=False)
     overwrite_initializer(inits[ones], np.ones(groups, np.float32), keep_shape=False)
     overwrite_initializer(inits[zeros], np.zeros(groups, np.float32), keep_shape=False)
+    declared = {vi.name: vi for vi in graph.input}
+    for name in (ones, zeros):
+        if name in declared and declared[name].type.HasField("tensor_type"):
+            dims = declared[name].type.tensor_type.shape.dim
+            if len(dims) == 1:
+                dims[0].Clear()
+                dims[0].dim_value = groups
     norm.groups = norm.record.groups = groups
     norm.record.reason += fit_choice_note(groups, sse)
 
@@ -250,7 +259,7 @@ def calibrate(reference: onnx.ModelProto | Path, converted: onnx.ModelProto, nor
                 n = t.norm
                 chosen, a, shift, sse = solve_candidates(t.fits())
                 if chosen != n.groups:
-                    _apply_groups(inits, n, chosen, sse)
+                    _apply_groups(converted.graph, inits, n, chosen, sse)
                 overwrite_initializer(inits[n.scale], a)
                 overwrite_initializer(inits[n.shift], shift)
                 n.record.calibrated = True

@@ -270,3 +270,16 @@ def test_a_non_tensor_value_between_segments_is_refused_in_one_line():
         segment_model(m, Segment(1, list(m.graph.node), ["seq"], ["n"]), {"seq": None}, False)
     ok = segment_model(m, Segment(1, list(m.graph.node), ["seq"], ["n"]), {"seq": np.dtype(np.int64)}, False)
     assert [i.name for i in ok.graph.input] == ["seq"] and [o.name for o in ok.graph.output] == ["n"]
+
+
+def test_an_ir3_model_listing_initializers_as_inputs_calibrates_when_g_changes(digits):
+    calib, held = digits
+    m = onnx.load(str(MODEL))
+    m.ir_version = 3  # initializers must also be inputs, with their shapes
+    m.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in m.graph.initializer)
+    result = normswap.convert(m, to="group", calibration=calib, inputs=held, progress=False)
+    assert [layer.groups for layer in result.report.layers][0] != 16  # the fit changed G: shapes were updated
+    assert result.report.validation.outputs[0].top1_agreement >= 0.97
+    declared = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in result.model.graph.input}
+    for t in result.model.graph.initializer:
+        assert declared[t.name] == list(t.dims), t.name
