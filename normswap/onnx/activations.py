@@ -45,7 +45,7 @@ class Activations:
     @property
     def device(self) -> str:
         """Where the session computes: 'cuda' when the CUDA provider was created, else 'cpu'."""
-        return "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        return ort_device(self.providers)
 
     def _run_bound(self, feeds: Mapping, wanted: list[str]) -> list[np.ndarray]:
         """Run with IO binding: inputs that are already OrtValues on the device are used in place (one upload
@@ -82,12 +82,20 @@ class Activations:
             raise InvalidModelError(f"onnxruntime failed to run the {self.label} model: {message}; check that the "
                                     "data (--inputs / --calibrate / --input-shape) fits the model's inputs") from None
         out = dict(zip(wanted, values))
-        out.update({n: _host(feeds[n]) for n in names if n in self.inputs})
+        out.update({n: host_array(feeds[n]) for n in names if n in self.inputs})
         return out
 
 
-def _host(value) -> np.ndarray:
-    return value.numpy() if hasattr(value, "numpy") and not isinstance(value, np.ndarray) else np.asarray(value)
+def host_array(value) -> np.ndarray:
+    """A value as a numpy array of its own: an OrtValue's ``numpy()`` is a view that dies with the OrtValue."""
+    if isinstance(value, np.ndarray) or not hasattr(value, "numpy"):
+        return np.asarray(value)
+    return np.array(value.numpy(), copy=True)
+
+
+def ort_device(providers) -> str:
+    """Where sessions with these providers compute: 'cuda' when the CUDA provider comes first, else 'cpu'."""
+    return "cuda" if providers and providers[0] == "CUDAExecutionProvider" else "cpu"
 
 
 def upload(batch: Mapping[str, np.ndarray], device: str) -> dict:

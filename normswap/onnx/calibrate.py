@@ -28,6 +28,7 @@ import onnx
 
 from .._math import CandidateSums, fit_choice_note, solve_candidates
 from ..report import CalibrationReport
+from .activations import host_array, ort_device
 from .batching import choose_layout, iter_layout, sample_count
 from .convert import NewNorm
 from .external import tensor_array
@@ -97,7 +98,7 @@ class _Runner:
         self.model, self.plan, self.tag, self.store = model, plan, tag, store
         self.providers, self.workdir, self.relaxed = providers, workdir, relaxed
         self.replacements = reshapes or {}
-        self.device = "cuda" if providers and providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.device = ort_device(providers)
 
     def key(self, name: str) -> str:
         return f"{self.tag}:{name}"
@@ -173,11 +174,6 @@ def _stats_model(runner: _Runner, segment: Segment, sums: list[CandidateSums], o
     return model, outputs
 
 
-def _host(value) -> np.ndarray:
-    """A value as a numpy array of its own: an OrtValue's ``numpy()`` is a view that dies with the OrtValue."""
-    return value if isinstance(value, np.ndarray) else np.array(value.numpy(), copy=True)
-
-
 def _ort_value(array: np.ndarray, device: str):
     import onnxruntime as ort
     return ort.OrtValue.ortvalue_from_numpy(array, device, 0)
@@ -216,8 +212,8 @@ def calibrate(reference: onnx.ModelProto | Path, converted: onnx.ModelProto, nor
         report.batch_size, report.batch_layout = layout.rows or (samples or 0), layout.note
         conv_plan, ref_plan, fit_after = _plans(ref_model, converted, fitted, head)
         centres = _bn_means(ref_model, fitted)
-        device = "cuda" if providers and providers[0] == "CUDAExecutionProvider" else "cpu"
-        store = ActivationStore(memory_budget, workdir, _host, lambda a: _ort_value(a, device), _ort_nbytes)
+        device = ort_device(providers)
+        store = ActivationStore(memory_budget, workdir, host_array, lambda a: _ort_value(a, device), _ort_nbytes)
         ref = _Runner(ref_model, ref_plan, "r", store, providers, workdir, layout.relaxed, layout.reshapes)
         cand = _Runner(converted, conv_plan, "c", store, providers, workdir, layout.relaxed, layout.reshapes)
         batches = list(iter_layout(data, layout))
@@ -245,9 +241,9 @@ def calibrate(reference: onnx.ModelProto | Path, converted: onnx.ModelProto, nor
                     cand.keep(cseg, b, values)
                     for t in here:
                         shape, names = stats[t.norm.y]
-                        rows, _, positions = (int(d) for d in _host(values[shape]))
+                        rows, _, positions = (int(d) for d in host_array(values[shape]))
                         t.add(rows if valid is None else valid, positions,
-                              {k: _host(values[v]) for k, v in names.items()})
+                              {k: host_array(values[v]) for k, v in names.items()})
                 done += weights[s]
                 if progress:
                     rate = seen * done / total / max(time.perf_counter() - start, 1e-9)
@@ -265,8 +261,9 @@ def calibrate(reference: onnx.ModelProto | Path, converted: onnx.ModelProto, nor
                 n.record.calibrated = True
                 report.layers_changed.append(n.record.name)
         if head is not None:
-            pairs = ((_host(store.get(cand.key(head.input), b))[:valid],
-                      _host(store.get(ref.key(head.output), b))[:valid]) for b, (_, valid) in enumerate(batches))
+            pairs = ((host_array(store.get(cand.key(head.input), b))[:valid],
+                      host_array(store.get(ref.key(head.output), b))[:valid])
+                     for b, (_, valid) in enumerate(batches))
             outcome = refit_head(converted, head, pairs)
             report.notes.append(outcome)
             if outcome.startswith("refitted"):

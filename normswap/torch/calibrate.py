@@ -35,14 +35,17 @@ DISTILL_LR = 1e-2
 HEAD_RIDGE = 1e-3
 
 
-def bn_reference(site: TorchSite, x: torch.Tensor) -> torch.Tensor:
-    """What the original BN outputs for ``x`` in eval mode, in float64 (before any extra drop / act)."""
-    m, x64 = site.module, x.detach().double()
-    w = m.weight.detach().double() if getattr(m, "weight", None) is not None else None
-    b = m.bias.detach().double() if getattr(m, "bias", None) is not None else None
+def bn_reference(site: TorchSite, x: torch.Tensor, dtype: torch.dtype = torch.float64, with_beta: bool = True
+                 ) -> torch.Tensor:
+    """What the original BN outputs for ``x`` in eval mode, in ``dtype`` (before any extra drop / act).
+    ``with_beta=False`` leaves out the BN's beta (calibration's y centre): without that offset the variation of a
+    near-constant channel is not lost to float32 rounding."""
+    m, xd = site.module, x.detach().to(dtype)
+    w = m.weight.detach().to(dtype) if getattr(m, "weight", None) is not None else None
+    b = m.bias.detach().to(dtype) if with_beta and getattr(m, "bias", None) is not None else None
     if not site.stats:
-        return F.batch_norm(x64, None, None, w, b, True, 0.0, site.eps)
-    return F.batch_norm(x64, m.running_mean.double(), m.running_var.double(), w, b, False, 0.0, site.eps)
+        return F.batch_norm(xd, None, None, w, b, True, 0.0, site.eps)
+    return F.batch_norm(xd, m.running_mean.to(dtype), m.running_var.to(dtype), w, b, False, 0.0, site.eps)
 
 
 def normalized(layer: NewLayer, groups: int | None, x: torch.Tensor) -> torch.Tensor:
@@ -86,18 +89,9 @@ def module_device(module: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def bn_target_centred(site: TorchSite, x: torch.Tensor) -> torch.Tensor:
-    """The original BN's output for ``x`` in eval mode minus its beta (``_centres``' y centre), in float32 on
-    ``x``'s device: without the offset, the variation of a near-constant channel is not lost to rounding."""
-    m, x32 = site.module, x.detach().float()
-    w = m.weight.detach().float() if getattr(m, "weight", None) is not None else None
-    if not site.stats:
-        return F.batch_norm(x32, None, None, w, None, True, 0.0, site.eps)
-    return F.batch_norm(x32, m.running_mean.float(), m.running_var.float(), w, None, False, 0.0, site.eps)
-
-
 def _centres(layer: NewLayer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x centre, y centre): the BN's running mean and beta, where it has them."""
+    """(x centre, y centre): the BN's running mean and beta, where it has them (``bn_reference`` without beta
+    gives the target already centred)."""
     m, c = layer.site.module, layer.site.channels
     mean = m.running_mean if layer.site.stats and getattr(m, "running_mean", None) is not None else None
     beta = getattr(m, "bias", None)
@@ -187,7 +181,7 @@ def _calibrate_in_segments(original: nn.Module, converted: nn.Module, ogm: fx.Gr
                         name = layer.site.name
                         x_orig = _lookup(renv, ref, oplan.sites[name].args[0], b)
                         x_conv = _lookup(cenv, cand, cplan.sites[name].args[0], b)
-                        positions, got = moments(x_conv, bn_target_centred(layer.site, x_orig), xc,
+                        positions, got = moments(x_conv, bn_reference(layer.site, x_orig, torch.float32, False), xc,
                                                  None in sums.candidates, layer.site.eps)
                         sums.add(len(x_conv), positions, got)
                     done += 1
