@@ -17,9 +17,11 @@ import numpy as np
 
 def bn_affine(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray,
               eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(s, t)`` with ``BN(x) = s * x + t`` per channel, in float64."""
-    s = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + np.float64(eps))
-    t = np.asarray(beta, np.float64) - np.asarray(mean, np.float64) * s
+    """Return ``(s, t)`` with ``BN(x) = s * x + t`` per channel, in float64 (non-finite where the parameters
+    are: callers refuse those first, see ``nonfinite_problem``, unless asked to rewrite them anyway)."""
+    with np.errstate(all="ignore"):
+        s = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + np.float64(eps))
+        t = np.asarray(beta, np.float64) - np.asarray(mean, np.float64) * s
     return s, t
 
 
@@ -63,6 +65,30 @@ def fold_matrix_columns(weight: np.ndarray, s: np.ndarray, transposed: bool) -> 
     """
     w = np.asarray(weight, np.float64)
     return w * (s.reshape(-1, 1) if transposed else s.reshape(1, -1))
+
+
+def nonfinite_problem(params: list[np.ndarray], eps: float) -> str | None:
+    """What makes a BN's (scale, bias, mean, variance, epsilon) not a finite affine map, or None."""
+    for value, role in zip(params, ("scale", "bias", "mean", "variance")):
+        bad = int(value.size - np.count_nonzero(np.isfinite(np.asarray(value, np.float64))))
+        if bad:
+            return f"{bad} NaN or infinite value(s) in its {role}"
+    if not np.isfinite(eps) or eps < 0:
+        return f"epsilon {eps}"
+    negative = int(np.count_nonzero(np.asarray(params[3], np.float64) + eps <= 0))
+    if negative:
+        return f"{negative} variance(s) + epsilon not positive"
+    return None
+
+
+def scaled_max_abs(weight: np.ndarray, s: np.ndarray, scale_shape: tuple[int, ...]) -> float:
+    """``max |weight * s.reshape(scale_shape)|`` without forming the product: the per-channel extremes of
+    ``weight`` (reduced over the axes where ``scale_shape`` is 1) times ``|s|``. ``weight`` must already be viewed
+    so that ``s.reshape(scale_shape)`` broadcasts against it."""
+    axes = tuple(k for k, d in enumerate(scale_shape) if d == 1)
+    hi = np.asarray(np.max(weight, axis=axes, keepdims=True), np.float64)
+    lo = np.asarray(np.min(weight, axis=axes, keepdims=True), np.float64)
+    return float(np.max(np.maximum(np.abs(hi), np.abs(lo)) * np.abs(s.reshape(scale_shape))))
 
 
 def fold_bias(bias: np.ndarray | None, s: np.ndarray, t: np.ndarray) -> np.ndarray:

@@ -169,7 +169,7 @@ def convert(model, to: str = "fold", *, groups: int = DEFAULT_GROUPS, group_size
         if opset is not None:
             raise UsageError("opset applies to ONNX models only")
         return convert_torch(model, to, options=ReplaceOptions(groups=groups, group_size=group_size,
-                                                               layer_over=layer_over),
+                                                               layer_over=layer_over, allow_nonfinite=allow_nonfinite),
                              calibration=calibration, example_inputs=example_inputs,
                              refit_output_layer=refit_output_layer, choose_groups=choose_groups,
                              calibration_batch_size=calibration_batch_size,
@@ -185,6 +185,8 @@ def convert(model, to: str = "fold", *, groups: int = DEFAULT_GROUPS, group_size
     target = get_target(to)
     replacing = to in REPLACEMENT_TARGETS
     original, source, had_external = _load(model, copy=False)
+    from .onnx.admission import admit
+    admission = admit(original, original if isinstance(model, onnx.ModelProto) else Path(source))
     calib = _calibration_data(calibration, original) if replacing and calibration is not None else None
     before = graph_count(original)
     if isinstance(model, onnx.ModelProto) or opset is not None:  # keep the caller's object / the original intact
@@ -199,7 +201,7 @@ def convert(model, to: str = "fold", *, groups: int = DEFAULT_GROUPS, group_size
                              allow_nonfinite=allow_nonfinite)
     probe = _shape_probe(reference, calib, input_shapes, seed, provider) if replacing else None
     conversion = convert_in_place(converted, to, keep_unfoldable, options, probe)
-    notes = conversion.notes
+    notes = ([admission] if admission else []) + conversion.notes
     if calibration is not None and not replacing:
         notes.append(f"calibration data ignored: --to {to} is exact and has nothing to fit")
     kept = sum(r.action == "kept" for r in conversion.records)
@@ -280,8 +282,14 @@ def inspect(model) -> InspectReport:
     from .onnx.io import opset_of
     scratch, source, _ = _load(model, copy=True)
     opset, ir_version = opset_of(scratch), scratch.ir_version
+    from .onnx.admission import checker_problem, runtime_problem
+    problem = checker_problem(scratch)
+    if problem:
+        refused = runtime_problem(scratch if isinstance(model, onnx.ModelProto) else Path(source))
+        problem = (f"the model is invalid and onnxruntime refuses it ({refused}); onnx.checker: {problem}" if refused
+                   else f"onnx.checker objects to the model ({problem}); onnxruntime loads it")
     records = convert_in_place(scratch, "fold").records
     sites = [{"name": r.name, "op": r.op, "graph": r.graph, "channels": r.channels, "producer": r.producer,
               "producer_op": r.producer_op, "foldable": r.action == "folded", "action_under_fold": r.action,
               "reason": r.reason} for r in records]
-    return InspectReport(source, opset, ir_version, sites + other_norm_sites(scratch))
+    return InspectReport(source, opset, ir_version, sites + other_norm_sites(scratch), problem)

@@ -172,6 +172,8 @@ def _print_validation(v: ValidationReport) -> None:
                    f"{_fmt(o.cosine, '.6f'):>10} {_fmt(o.top1_agreement, '.2f'):>6}  {'ok' if o.passed else 'FAIL'}")
         if o.problem:
             click.echo(f"  {o.name}: {o.problem}")
+    for caution in v.cautions:
+        click.echo(f"warning: validation cannot tell the models apart on {caution}", err=True)
 
 
 def _cut(text: str, width: int) -> str:
@@ -295,6 +297,8 @@ def inspect(model: str | None, torch_model: str | None, weights: str | None, as_
     if as_json:
         click.echo(report.to_json())
         return
+    if report.problem:
+        click.echo(f"warning: {report.problem}", err=True)
     if torch_model:
         _table([[s["name"], s["type"], _fmt(s["channels"], "d"), "yes" if s["couples_samples"] else "no",
                  "yes" if s["affine"] else "no", "yes" if s["running_stats"] else "no",

@@ -61,6 +61,7 @@ class OutputComparison:
     top1_agreement: float | None
     passed: bool
     problem: str | None = None  # why the comparison cannot pass, when it is not a difference of values
+    caution: str | None = None  # why this output cannot tell the two models apart (a pass here proves little)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -86,12 +87,18 @@ class ValidationReport(_Json):
     def passed(self) -> bool:
         return all(o.passed for o in self.outputs)
 
+    @property
+    def cautions(self) -> list[str]:
+        """One line per output whose comparison cannot tell the models apart."""
+        return [f"output '{o.name}': {o.caution}" for o in self.outputs if o.caution]
+
     def __bool__(self) -> bool:
         return self.passed
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["passed"] = self.passed
+        d["cautions"] = self.cautions
         return d
 
 
@@ -172,3 +179,4 @@ class InspectReport(_Json):
     opset: int
     ir_version: int
     sites: list[dict]
+    problem: str | None = None  # what onnx.checker (and onnxruntime, if it refuses too) object to in the model

@@ -195,3 +195,49 @@ def test_a_reference_output_with_nan_or_no_values_never_passes():
     fine = OutputStats("y")
     fine.add(np.ones((2, 3)), np.ones((2, 3)))
     assert fine.result().passed and fine.result().problem is None
+
+
+def _constant_output_model() -> onnx.ModelProto:
+    """Conv -> BN -> Mul(0) -> Add(c): every input gives the same output, so validation proves nothing."""
+    from tests.builders import init
+    m = conv_bn(np.random.default_rng(0))
+    m.graph.node[1].output[0] = "bn_out"
+    m.graph.node.extend([helper.make_node("Mul", ["bn_out", "zero"], ["z"]),
+                         helper.make_node("Add", ["z", "offset"], ["y"])])
+    m.graph.initializer.extend([init("zero", np.zeros(1, np.float32)),
+                                init("offset", np.arange(6, dtype=np.float32).reshape(6, 1, 1))])
+    return m
+
+
+def test_validation_that_cannot_tell_models_apart_says_so():
+    r = normswap.convert(_constant_output_model(), to="fold")
+    out = r.report.validation.outputs[0]
+    assert out.passed and out.caution and "same for all 2 samples" in out.caution
+    assert r.report.validation.cautions == [f"output 'y': {out.caution}"]
+    assert r.report.to_dict()["validation"]["cautions"] == r.report.validation.cautions
+
+
+def test_outputs_within_atol_of_zero_are_a_caution_and_ordinary_outputs_are_not():
+    m = conv_bn(np.random.default_rng(0))
+    gamma = next(t for t in m.graph.initializer if t.name == "bn.gamma")
+    beta = next(t for t in m.graph.initializer if t.name == "bn.beta")
+    mean = next(t for t in m.graph.initializer if t.name == "bn.mean")
+    ordinary = normswap.convert(m, to="fold").report.validation
+    assert ordinary.passed and ordinary.cautions == []
+    for t, v in ((gamma, 1e-7), (beta, 0.0), (mean, 0.0)):
+        t.CopyFrom(onnx.numpy_helper.from_array(np.full(6, v, np.float32), t.name))
+    tiny = normswap.convert(m, to="fold").report.validation
+    assert tiny.passed and "within atol" in tiny.outputs[0].caution
+    assert "within atol" not in (normswap.convert(m, to="fold", atol=1e-9).report.validation.outputs[0].caution
+                                 or "")
+
+
+def test_cli_warns_when_validation_cannot_tell_models_apart(tmp_path):
+    import subprocess
+    import sys
+    p = tmp_path / "c.onnx"
+    onnx.save_model(_constant_output_model(), str(p))
+    r = subprocess.run([sys.executable, "-m", "normswap.cli", "convert", str(p), "--to", "fold"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "warning: validation cannot tell the models apart on output 'y'" in r.stderr

@@ -47,10 +47,13 @@ def _from_value_info(vi: onnx.ValueInfoProto) -> ValueType | None:
     return ValueType(tt.elem_type, tuple(dims))
 
 
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without its weights: nodes, value infos, local functions, small integer initializers; every
+    other initializer and large Constant becomes a typed graph input. Cheap for any model size."""
     skel = onnx.ModelProto()
     skel.ir_version = model.ir_version
     skel.opset_import.extend(model.opset_import)
+    skel.functions.extend(model.functions)
     g, src = skel.graph, model.graph
     g.name = src.name
     g.input.extend(src.input)
@@ -97,7 +100,7 @@ def infer_value_types(model: onnx.ModelProto) -> tuple[TypeTable, str | None]:
     """Element types and shapes over all graphs; second item is a note when inference failed."""
     note = None
     try:
-        inferred = onnx.shape_inference.infer_shapes(_skeleton(model), check_type=False, strict_mode=False,
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model), check_type=False, strict_mode=False,
                                                      data_prop=True)
     except Exception as e:  # inference is best effort: rules that need a rank skip with a reason
         inferred, note = model, f"ONNX shape inference failed ({type(e).__name__}); ranks come from the model only"

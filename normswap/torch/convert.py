@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._math import allowed_groups, bn_affine, choose_groups
-from ..errors import UsageError
+from .._math import allowed_groups, bn_affine, choose_groups, nonfinite_problem
+from ..errors import InvalidModelError, UsageError
 from ..report import LayerRecord
 from ..targets import ReplaceOptions
 from .dataflow import Dataflow, analyze
-from .fold import folded, weight_normalized
+from .fold import folded, output_axis, weight_normalized
 from .modules import ChannelAffine, ChannelLayerNorm, WithExtras, set_submodule
 from .sites import TorchSite, find_sites
 
@@ -49,11 +49,30 @@ def _like(site: TorchSite, values) -> torch.Tensor:
     return torch.as_tensor(values, dtype=dtype, device=ref.device if ref is not None else "cpu")
 
 
+def _overflow(what: str, tensors: list[torch.Tensor | None]) -> str | None:
+    """Why storing these float64-computed values in their module's dtype loses them (float16 tops out at
+    65504), or None."""
+    for tensor in tensors:
+        if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"{what} would exceed the largest {str(tensor.dtype).replace('torch.', '')}"
+    return None
+
+
+def _weight_norm_overflow(module: nn.Module) -> str | None:
+    """Why the weight-norm magnitude ``g = ||v||`` (per output channel) cannot be held in the weight's dtype."""
+    w = module.weight.detach()
+    axis = output_axis(module)
+    dims = [k for k in range(w.ndim) if k != axis]
+    g = torch.linalg.vector_norm(w.to(torch.float64), dim=dims)
+    return _overflow("the magnitude g", [g.to(w.dtype)])
+
+
 class TorchConverter:
     def __init__(self, target: str, keep_unfoldable: bool, options: ReplaceOptions) -> None:
         self.target, self.keep_unfoldable, self.options = target, keep_unfoldable, options
         self.records: list[LayerRecord] = []
         self.new_layers: list[NewLayer] = []
+        self.unchecked_range = False  # the current BN's parameters are not finite (allowed): no overflow guard
 
     def _record(self, site: TorchSite, action: str, reason: str, flow: Dataflow, rule: str | None = None,
                 groups: int | None = None) -> LayerRecord:
@@ -69,19 +88,36 @@ class TorchConverter:
                          "normalizes with batch statistics even in eval mode), so there is no fixed affine", flow)
             return
         s, t = bn_affine(*site.parameters64(), site.eps)
-        set_submodule(root, site.name, _wrap(site, ChannelAffine(_like(site, s), _like(site, t))))
+        scale, shift = _like(site, s), _like(site, t)
+        overflow = self._overflow("its scale or shift", [scale, shift])
+        if overflow:
+            self._record(site, "kept", f"{why}; cannot become affine: {overflow}", flow)
+            return
+        set_submodule(root, site.name, _wrap(site, ChannelAffine(scale, shift)))
         self._record(site, "affine", why, flow, "affine")
 
     def convert(self, root: nn.Module, original_sites: dict[str, TorchSite], flow: Dataflow,
                 shapes: dict[str, tuple[int, ...]]) -> None:
         for name in flow.order + [s for s in original_sites if s not in flow.order]:
             site = original_sites[name]
+            self.unchecked_range = bool(site.stats and self._check_finite(site))
             if site.problem:
                 self._record(site, "kept", site.problem, flow)
             elif self.target in ("fold", "weight", "affine"):
                 self._exact(root, site, flow)
             else:
                 self._replace(root, site, flow, shapes.get(name))
+
+    def _overflow(self, what: str, tensors: list[torch.Tensor | None]) -> str | None:
+        return None if self.unchecked_range else _overflow(what, tensors)
+
+    def _check_finite(self, site: TorchSite) -> bool:
+        """Whether the BN's parameters are not finite (allowed by allow_nonfinite; else refused here)."""
+        problem = nonfinite_problem(list(site.parameters64()), site.eps)
+        if problem and not self.options.allow_nonfinite:
+            raise InvalidModelError(f"BatchNorm '{site.name}' has {problem}; fix the module, or pass "
+                                    "allow_nonfinite=True (--allow-nonfinite) to rewrite it anyway")
+        return problem is not None
 
     def _exact(self, root: nn.Module, site: TorchSite, flow: Dataflow) -> None:
         if self.target == "affine":
@@ -96,15 +132,22 @@ class TorchConverter:
             return self._affine(root, site, flow, f"not foldable: {why}")
         s, t = bn_affine(*site.parameters64(), site.eps)
         new = folded(root.get_submodule(producer_name), s, t)
+        overflow = self._overflow(f"folded, the weight or bias of '{producer_name}'",
+                             [new.weight, new.bias])
+        if overflow:
+            return self._affine(root, site, flow, f"not foldable: {overflow}")
         rule = "fold_module"
         if self.target == "weight":
-            new, rule = weight_normalized(new), "weight_fold_module"
+            too_large = None if self.unchecked_range else _weight_norm_overflow(new)
+            if too_large is None:
+                new, rule = weight_normalized(new), "weight_fold_module"
         set_submodule(root, producer_name, new)
         set_submodule(root, site.name, _wrap(site, nn.Identity()))
         action = "folded" if self.target == "fold" else "converted"
-        self._record(site, action, f"{action} into '{producer_name}'" + (" (weight = g * v / ||v||)"
-                                                                         if self.target == "weight" else ""),
-                     flow, rule)
+        how = {"weight_fold_module": " (weight = g * v / ||v||)", "fold_module": ""}[rule]
+        if self.target == "weight" and rule == "fold_module":
+            how = f" (weight norm not applied: {too_large})"
+        self._record(site, action, f"{action} into '{producer_name}'{how}", flow, rule)
 
     def _replace(self, root: nn.Module, site: TorchSite, flow: Dataflow, shape: tuple[int, ...] | None) -> None:
         opts, kind = self.options, self.target

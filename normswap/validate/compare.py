@@ -5,6 +5,10 @@ infinities in the same places. Half-precision outputs (float16 / bfloat16) are c
 ``HALF_ATOL`` / ``HALF_RTOL``, since their last bit is ~1e-3 of the value. Fidelity checks (non-exact targets)
 pass when the cosine similarity is at least ``min_cosine`` and the top-1 agreement at least ``min_agreement``
 (each only when given). Neither passes over no values, or when the reference output holds NaN or infinity.
+
+A comparison that cannot tell two models apart carries a ``caution``: the reference output is the same for
+every sample (within atol; a model that ignores its input would match it), or every reference value lies within
+atol of zero in an exact check (an all-zero output would pass).
 """
 from __future__ import annotations
 
@@ -40,8 +44,9 @@ def top1_agreement(ref: np.ndarray, cand: np.ndarray) -> float | None:
 class OutputStats:
     """Running comparison of one output over batches (sums in float64)."""
 
-    def __init__(self, name: str, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> None:
-        self.name, self.atol, self.rtol = name, atol, rtol
+    def __init__(self, name: str, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+                 track_spread: bool = True) -> None:
+        self.name, self.atol, self.rtol, self.track_spread = name, atol, rtol, track_spread
         self.shape: list[int] | None = None
         self.dtype = ""
         self.same_shape = self.same_nonfinite = self.within = True
@@ -49,6 +54,10 @@ class OutputStats:
         self.count = self.rows = self.agree = 0
         self.classes = True
         self.reference_finite = True
+        self.first_sample: np.ndarray | None = None  # the reference of sample 0, to see whether outputs vary
+        self.samples = 0
+        self.spread = 0.0  # max |ref[i] - ref[0]| over samples i (finite values)
+        self.applied_atol = atol  # raised for half-precision outputs
 
     def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
         ref_a, cand_a = np.asarray(ref), np.asarray(cand)
@@ -62,6 +71,7 @@ class OutputStats:
             return
         r, c = ref_a.astype(np.float64), cand_a.astype(np.float64)
         self.reference_finite &= bool(np.isfinite(r).all())
+        self._track_spread(r)
         finite = np.isfinite(r) & np.isfinite(c)
         self.same_nonfinite &= bool(np.array_equal(np.where(finite, 0, r), np.where(finite, 0, c), equal_nan=True))
         rf, cf = r[finite], c[finite]
@@ -75,12 +85,42 @@ class OutputStats:
         self.rr += float(np.dot(rf, rf))
         self.cc += float(np.dot(cf, cf))
         a, rt = effective_tolerance(ref_a.dtype, self.atol, self.rtol)
+        self.applied_atol = a
         self.within &= bool(np.all(diff <= a + rt * np.abs(rf)))
         if ref_a.ndim == 2 and ref_a.shape[1] >= 2:
             self.rows += ref_a.shape[0]
             self.agree += int(np.sum(np.argmax(r, axis=1) == np.argmax(c, axis=1)))
         else:
             self.classes = False
+
+    def _track_spread(self, r: np.ndarray) -> None:
+        """How far the reference moves from sample 0's along the leading (batch) axis."""
+        if not self.track_spread or r.ndim == 0 or r.shape[0] == 0:
+            return
+        if self.first_sample is None:
+            self.first_sample = r[0].copy()
+        if self.first_sample.shape != r.shape[1:]:
+            self.spread = math.inf  # no common sample shape: not a batch axis, assume it varies
+            return
+        self.samples += r.shape[0]
+        with np.errstate(invalid="ignore"):
+            moved = np.abs(r - self.first_sample)
+        moved = moved[np.isfinite(moved)]
+        if moved.size:
+            self.spread = max(self.spread, float(moved.max()))
+
+    def caution(self, check: str) -> str | None:
+        if not self.count or not self.reference_finite:
+            return None
+        atol = self.applied_atol
+        if check == "exact" and self.max_ref <= atol:
+            return (f"every reference value is within atol ({atol:g}) of zero (largest {self.max_ref:.3g}): "
+                    "an all-zero output would pass; lower --atol or validate with inputs that give larger outputs")
+        if self.samples >= 2 and self.spread <= atol:
+            return (f"the reference output is the same for all {self.samples} samples (it moves by at most "
+                    f"{self.spread:.3g}, atol {atol:g}): a model ignoring its input would pass; validate with "
+                    "inputs that change the output (--inputs real samples)")
+        return None
 
     @property
     def cosine(self) -> float:
@@ -110,7 +150,7 @@ class OutputStats:
         mean_abs = self.sum_abs / self.count if self.count else 0.0
         return OutputComparison(self.name, shape, self.dtype, _finite(self.max_abs), _finite(max_rel),
                                 _finite(mean_abs), _finite(self.cosine), top1, passed and problem is None,
-                                problem)
+                                problem, self.caution(check))
 
 
 def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float = DEFAULT_ATOL,

@@ -92,7 +92,8 @@ def validate_models(reference: onnx.ModelProto | str | os.PathLike, candidate: o
         if missing:
             raise InvalidModelError(f"the candidate has no output(s) {missing} that the reference has; "
                                     "compare models with the same outputs")
-        stats = {n: OutputStats(n, atol, rtol) for n in dict.fromkeys(out_names + list(layer_outputs))}
+        stats = {n: OutputStats(n, atol, rtol, track_spread=n in out_names)
+                 for n in dict.fromkeys(out_names + list(layer_outputs))}
         layout = fixed_layout(candidate, feeds, batch_size)  # a fixed-batch model is fed its own batch, padded
         runs = layout_count(feeds, layout)
         for k, (batch, valid) in enumerate(iter_layout(feeds, layout), start=1):

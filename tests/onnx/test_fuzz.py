@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import normswap
@@ -79,6 +79,7 @@ def _mutate(model: onnx.ModelProto, kind: str, a: int, b: int, value: int) -> No
           derandomize="NORMSWAP_FUZZ_EXAMPLES" not in os.environ)  # CI: the same examples every run
 @given(kinds=st.lists(st.sampled_from(MUTATIONS), min_size=1, max_size=3), a=st.integers(0, 10_000),
        b=st.integers(0, 10_000), value=st.integers(0, 10_000), target=st.sampled_from(["fold", "group"]))
+@example(kinds=["swap_input"], a=31, b=1, value=287, target="fold")  # found by a long run: a 0-d Conv weight
 def test_a_malformed_model_ends_in_a_normswap_error(kinds, a, b, value, target):
     model = onnx.ModelProto()
     model.CopyFrom(BASE)

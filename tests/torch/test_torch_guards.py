@@ -232,3 +232,45 @@ def test_ambiguous_channel_strides_are_normalized_before_distillation():
                                      nn.Conv2d(8, 4, 3, padding=1), nn.BatchNorm2d(4)))
     r = normswap.convert(net, to="layer", calibration=x, distill_steps=3, validate=False)
     assert any("distill" in n for n in r.report.notes)
+
+
+def _half_conv_bn(scale: float, weight: float) -> nn.Module:
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, bias=False), nn.BatchNorm2d(4, eps=1e-7)).eval()
+    with torch.no_grad():
+        net[0].weight.fill_(weight)
+        net[1].running_var.fill_(1.0)
+        net[1].weight[0] = min(scale, 6e4)  # gamma / sqrt(var) = scale, each representable in float16
+        net[1].running_var[0] = (float(net[1].weight[0]) / scale) ** 2
+    return net.half()
+
+
+def test_torch_fold_that_would_overflow_fp16_becomes_affine_or_stays_bn_with_the_reason():
+    affine = normswap.convert(_half_conv_bn(1000.0, 100.0), to="fold", validate=False)
+    layer = affine.report.layers[0]
+    assert layer.action == "affine" and "would exceed the largest float16" in layer.reason
+    assert all(torch.isfinite(p).all() for p in affine.model.parameters())
+    kept = normswap.convert(_half_conv_bn(1e5, 1.0), to="fold", validate=False)
+    assert kept.report.layers[0].action == "kept" and "cannot become affine" in kept.report.layers[0].reason
+    assert isinstance(kept.model[1], nn.BatchNorm2d)
+    folded = normswap.convert(_half_conv_bn(100.0, 100.0), to="fold", validate=False)  # peak 1e4 fits
+    assert folded.report.layers[0].action == "folded"
+
+
+def test_torch_weight_norm_magnitude_beyond_fp16_stays_folded():
+    r = normswap.convert(_half_conv_bn(100.0, 200.0), to="weight", validate=False)  # ||v|| = 2e4 * sqrt(18)
+    assert "weight norm not applied" in r.report.layers[0].reason
+    assert not hasattr(r.model[0], "parametrizations")
+    ok = normswap.convert(_half_conv_bn(2.0, 1.0), to="weight", validate=False)
+    assert hasattr(ok.model[0], "parametrizations")
+
+
+def test_torch_nonfinite_bn_statistics_are_refused_unless_allowed():
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        net[1].running_var[2] = float("nan")
+    with pytest.raises(normswap.InvalidModelError, match="BatchNorm '1' has 1 NaN or infinite value"):
+        normswap.convert(net, to="fold", validate=False)
+    r = normswap.convert(net, to="fold", validate=False, allow_nonfinite=True)
+    assert r.report.layers[0].action == "folded"
+    fine = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4)).eval()
+    assert normswap.convert(fine, to="fold", validate=False).report.layers[0].action == "folded"

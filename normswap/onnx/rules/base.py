@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..._math import bn_affine
+from ..._math import bn_affine, nonfinite_problem
 from ...targets import DEFAULT_REPLACE_OPTIONS, ReplaceOptions
 from ..graph import GraphIndex
 from ..types import ValueType
@@ -128,8 +128,7 @@ def read_bn_site(graph: GraphIndex, i: int, options: ReplaceOptions = DEFAULT_RE
         from ...errors import InvalidModelError
         raise InvalidModelError(f"BatchNormalization '{site_name(node)}' has {problem}; fix the model, or pass "
                                 "--allow-nonfinite (allow_nonfinite=True) to rewrite it anyway")
-    with np.errstate(all="ignore"):
-        s, t = bn_affine(*params, eps)
+    s, t = bn_affine(*params, eps)
     x_type = graph.value_type(node.input[0])
     channels = int(params[0].size)
     if x_type is not None and x_type.dims is not None:
@@ -142,18 +141,18 @@ def read_bn_site(graph: GraphIndex, i: int, options: ReplaceOptions = DEFAULT_RE
                   params[0].astype(np.float64), params[1].astype(np.float64))
 
 
-def nonfinite_problem(params: list[np.ndarray], eps: float) -> str | None:
-    """What makes a BN's (scale, bias, mean, variance, epsilon) not a finite affine map, or None."""
-    for value, role in zip(params, ("scale", "bias", "mean", "variance")):
-        bad = int(value.size - np.count_nonzero(np.isfinite(np.asarray(value, np.float64))))
-        if bad:
-            return f"{bad} NaN or infinite value(s) in its {role}"
-    if not np.isfinite(eps) or eps < 0:
-        return f"epsilon {eps}"
-    negative = int(np.count_nonzero(np.asarray(params[3], np.float64) + eps <= 0))
-    if negative:
-        return f"{negative} variance(s) + epsilon not positive"
-    return None
+_LARGEST = {onnx.TensorProto.FLOAT16: 65504.0, onnx.TensorProto.BFLOAT16: 3.3895313892515355e38,
+            onnx.TensorProto.FLOAT: float(np.finfo(np.float32).max), onnx.TensorProto.DOUBLE: float("inf")}
+
+
+def overflow_skip(what: str, peak: float, elem_type: int) -> Skip | None:
+    """Guard: a value computed in float64 must stay finite once stored as ``elem_type`` (float16 tops out at
+    65504: a BN scale of 1e3 on weights near 100 would become infinity)."""
+    largest = _LARGEST.get(elem_type, float("inf"))
+    if not largest < peak < float("inf"):  # NaN / inf come from parameters allowed by allow_nonfinite
+        return None
+    name = onnx.TensorProto.DataType.Name(elem_type).lower()
+    return Skip(f"{what} would reach {peak:.3g}, beyond the largest {name} ({largest:.6g})")
 
 
 def cast_like(array: np.ndarray, elem_type: int) -> np.ndarray:

@@ -10,7 +10,8 @@ With ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s`` (float64):
 - ``b' = s * (b + c) + t`` (``b``, ``c`` = 0 when absent).
 
 Conditions: the Conv's output (and the Add's) is read by the BN alone and is no graph output; W, b and c are
-constant; W is floating point; ``c`` is per-channel (varies only along axis 1); channel counts agree. The folded
+constant; W is floating point; ``c`` is per-channel (varies only along axis 1); channel counts agree; W' and b'
+stay finite in their own dtype (a float16 weight scaled past 65504 is not folded). The folded
 weight is a new initializer, so a weight shared with another node is never changed for that node. Results are
 cast once to the weight's dtype (the bias keeps its own dtype).
 """
@@ -20,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..._math import fold_conv_transpose_weight, fold_conv_weight, fold_bias
-from .base import (BnSite, Rewritten, Rule, Skip, attr, cast_like, constant_float_weight, elem_type_of, per_channel_vector,
-                   producer_through_bias_add, single_reader)
+from ..._math import fold_bias, fold_conv_transpose_weight, fold_conv_weight, scaled_max_abs
+from .base import (BnSite, Rewritten, Rule, Skip, attr, cast_like, constant_float_weight, elem_type_of, overflow_skip,
+                   per_channel_vector, producer_through_bias_add, single_reader)
 
 OPS = ("Conv", "ConvTranspose")
 
@@ -31,9 +32,20 @@ OPS = ("Conv", "ConvTranspose")
 class ConvMatch:
     conv: int
     add: int | None
-    add_bias: np.ndarray | None
     weight: np.ndarray
     bias: np.ndarray | None
+    folded_bias: np.ndarray  # float64
+
+
+def _weight_peak(site: BnSite, weight: np.ndarray, op_type: str, group: int) -> float:
+    """Largest |folded weight|, without forming it (nothing grows where every |s| <= 1)."""
+    if float(np.max(np.abs(site.s), initial=0.0)) <= 1.0:
+        return 0.0
+    if op_type == "Conv":
+        return scaled_max_abs(weight, site.s, (site.channels,) + (1,) * (weight.ndim - 1))
+    c_in, per_group = weight.shape[0], weight.shape[1]
+    grouped = weight.reshape((group, c_in // group, per_group) + weight.shape[2:])
+    return scaled_max_abs(grouped, site.s, (group, 1, per_group) + (1,) * (weight.ndim - 2))
 
 
 def match(site: BnSite) -> ConvMatch | Skip | None:
@@ -49,6 +61,8 @@ def match(site: BnSite) -> ConvMatch | Skip | None:
     weight = constant_float_weight(site, conv)
     if isinstance(weight, Skip):
         return weight
+    if weight.ndim < 3:
+        return Skip(f"the {conv.op_type}'s weight has shape {tuple(weight.shape)}, not (out, in, k...)")
     bias = None
     if len(conv.input) > 2 and conv.input[2]:
         bias = g.constant(conv.input[2])
@@ -70,7 +84,17 @@ def match(site: BnSite) -> ConvMatch | Skip | None:
         add_bias = per_channel_vector(added, site.channels, weight.ndim)
         if add_bias is None:
             return Skip("the Add between the conv and the BN is not a per-channel bias")
-    return ConvMatch(conv_i, add_i, add_bias, weight, bias)
+    bias_in = bias.astype(np.float64) if bias is not None else None
+    if add_bias is not None:
+        bias_in = add_bias if bias_in is None else bias_in + add_bias
+    folded_bias = fold_bias(bias_in, site.s, site.t)
+    w_type = elem_type_of(weight)
+    too_large = (overflow_skip(f"folding would take the {conv.op_type}'s weight to",
+                               _weight_peak(site, weight, conv.op_type, group), w_type)
+                 or overflow_skip(f"folding would take the {conv.op_type}'s bias to",
+                                  float(np.max(np.abs(folded_bias), initial=0.0)),
+                                  elem_type_of(bias) if bias is not None else w_type))
+    return too_large or ConvMatch(conv_i, add_i, weight, bias, folded_bias)
 
 
 def rewrite(site: BnSite, m: ConvMatch) -> Rewritten:
@@ -80,10 +104,7 @@ def rewrite(site: BnSite, m: ConvMatch) -> Rewritten:
         w64 = fold_conv_weight(m.weight, site.s)
     else:
         w64 = fold_conv_transpose_weight(m.weight, site.s, int(attr(conv, "group", 1)))
-    bias_in = m.bias.astype(np.float64) if m.bias is not None else None
-    if m.add_bias is not None:
-        bias_in = m.add_bias if bias_in is None else bias_in + m.add_bias
-    b64 = fold_bias(bias_in, site.s, site.t)
+    b64 = m.folded_bias
     w_type = elem_type_of(m.weight)
     b_type = elem_type_of(m.bias) if m.bias is not None else w_type
     base = conv.name or conv.output[0]

@@ -9,7 +9,7 @@ MatMul. Before: ``y = BN(A @ B [+ c])``     After: ``y = A @ B'' + c''`` with ``
 Conditions: the output is 2-D, so the BN's channel axis (1) is the weight's output axis -- after a 3-D MatMul
 (B, T, K) @ (K, N) the BN normalizes T, which no weight column holds, and the rule skips (affine fallback);
 B is a constant, floating-point 2-D matrix; C / c are constant and per-feature; the producer's output is read by
-the BN (or the bias Add) alone.
+the BN (or the bias Add) alone; B'' and the new bias stay finite in B's dtype (float16 tops out at 65504).
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..._math import fold_bias, fold_matrix_columns
-from .base import (BnSite, Rewritten, Rule, Skip, attr, cast_like, constant_float_weight, elem_type_of, per_channel_vector,
-                   producer_through_bias_add, set_attr, single_reader)
+from ..._math import fold_bias, fold_matrix_columns, scaled_max_abs
+from .base import (BnSite, Rewritten, Rule, Skip, attr, cast_like, constant_float_weight, elem_type_of, overflow_skip,
+                   per_channel_vector, producer_through_bias_add, set_attr, single_reader)
 
 
 @dataclass
@@ -29,7 +29,7 @@ class MatrixMatch:
     add: int | None
     weight: np.ndarray
     transposed: bool
-    bias: np.ndarray | None  # float64, per feature; already includes Gemm's beta
+    folded_bias: np.ndarray  # float64: s * (bias, with Gemm's beta) + t
 
 
 def match(site: BnSite) -> MatrixMatch | Skip | None:
@@ -72,7 +72,15 @@ def match(site: BnSite) -> MatrixMatch | Skip | None:
         bias = per_channel_vector(c64, site.channels, 2)
         if bias is None:  # C varies along rows too: keep its full shape
             bias = c64
-    return MatrixMatch(i, add_i, weight, transposed, bias)
+    w_type = elem_type_of(weight)
+    peak = 0.0
+    if float(np.max(np.abs(site.s), initial=0.0)) > 1.0:  # nothing grows where every |s| <= 1
+        peak = scaled_max_abs(weight, site.s, (n, 1) if transposed else (1, n))
+    folded_bias = fold_bias(bias, site.s, site.t)
+    too_large = (overflow_skip(f"folding would take the {node.op_type}'s weight to", peak, w_type)
+                 or overflow_skip(f"folding would take the {node.op_type}'s bias to",
+                                  float(np.max(np.abs(folded_bias), initial=0.0)), w_type))
+    return too_large or MatrixMatch(i, add_i, weight, transposed, folded_bias)
 
 
 def rewrite(site: BnSite, m: MatrixMatch) -> Rewritten:
@@ -83,7 +91,7 @@ def rewrite(site: BnSite, m: MatrixMatch) -> Rewritten:
     w_name = g.add_initializer(cast_like(fold_matrix_columns(m.weight, site.s, m.transposed), w_type),
                                f"{base}.weight_bnfolded")
     g.set_input(m.node, 1, w_name)
-    b64 = fold_bias(m.bias, site.s, site.t)
+    b64 = m.folded_bias
     if node.op_type == "Gemm":
         g.set_input(m.node, 2, g.add_initializer(cast_like(b64, w_type), f"{base}.bias_bnfolded"))
         set_attr(node, "beta", 1.0)

@@ -5,7 +5,8 @@ After:   x -> Mul(s) -> Add(t) -> y,   s = gamma / sqrt(var + eps),  t = beta - 
 
 ``s`` and ``t`` have shape ``(C, 1, ..., 1)`` (rank - 2 trailing ones; ``(C,)`` on (N, C) input) and the element
 type of ``x`` -- with BatchNormalization-15's mixed precision (fp16 ``x``, fp32 parameters) they are fp16, so
-the graph stays type-consistent. Conditions: the rank and element type of ``x`` are known. One BN becomes two
+the graph stays type-consistent. Conditions: the rank and element type of ``x`` are known; ``s`` and ``t`` are
+finite in that type (else the BN is kept: it normalizes ``x - mean`` first, where the affine would overflow). One BN becomes two
 nodes.
 """
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import onnx
 
 from ..._math import per_channel_shape
-from .base import FLOAT_TYPES, BnSite, Rewritten, Rule, Skip, cast_like
+import numpy as np
+
+from .base import FLOAT_TYPES, BnSite, Rewritten, Rule, Skip, cast_like, overflow_skip
 
 
 def _x_elem_type(site: BnSite) -> int | None:
@@ -28,7 +31,8 @@ def match(site: BnSite) -> int | Skip:
     elem = _x_elem_type(site)
     if elem not in FLOAT_TYPES:
         return Skip("the element type of its input is unknown or not floating point")
-    return elem
+    return (overflow_skip("its scale", float(np.max(np.abs(site.s), initial=0.0)), elem)
+            or overflow_skip("its shift", float(np.max(np.abs(site.t), initial=0.0)), elem) or elem)
 
 
 def rewrite(site: BnSite, elem_type: int) -> Rewritten:

@@ -7,14 +7,14 @@ After:   v -> ReduceL2(all axes but the output-channel axis) -> n;  v / n * g ->
 weight-norm parameters (direction ``v``, magnitude ``g``) and computes exactly what the original did. The
 output-channel axis is 0 for Conv and Gemm with transB=1, 1 for ConvTranspose, MatMul and Gemm with transB=0
 (for a grouped ConvTranspose, axis 1 holds one channel of each group, as in ``torch.nn.utils.weight_norm(dim=1)``).
-Conditions: those of the fold rules, and no all-zero output channel (its direction is undefined: the site stays
-folded, reported).
+Conditions: those of the fold rules, no all-zero output channel (its direction is undefined) and ``g`` finite in
+the weight's dtype; otherwise the site stays folded, reported.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .base import BnSite, Rewritten, Rule, attr, cast_like, elem_type_of
+from .base import BnSite, Rewritten, Rule, attr, cast_like, elem_type_of, overflow_skip
 from .emit import Emitter
 from .fold_conv import RULE as FOLD_CONV
 from .fold_gemm import RULE as FOLD_GEMM
@@ -37,6 +37,9 @@ def reparametrize(site: BnSite, producer: int) -> tuple[list[str], str]:
     norms = np.sqrt(np.sum(np.square(v.astype(np.float64)), axis=tuple(axes), keepdims=True))
     if not np.all(norms > 0):
         return [], "weight norm not applied: an output channel of the folded weight is all zeros"
+    too_large = overflow_skip("the magnitude g", float(np.max(norms)), elem_type_of(v))
+    if too_large:
+        return [], f"weight norm not applied: {too_large.reason}"
     e = Emitter(site, "to_weightnorm")
     magnitude = e.const(cast_like(norms, elem_type_of(v)), "weight_g")
     norm = e.reduce("ReduceL2", v_name, axes, "weight_v_norm")
