@@ -117,5 +117,8 @@ def test_inconsistent_conv_transpose_group_is_not_folded():
     rng = np.random.default_rng(8)
     m = conv_bn(rng, cin=4, cout=6, group=2, transpose=True)
     next(a for a in m.graph.node[0].attribute if a.name == "group").i = 3  # 4 input channels, 3 groups
-    r = normswap.convert(m, to="fold", validate=False)
-    assert r.report.layers[0].action != "folded" and "group=3" in r.report.layers[0].reason
+    from normswap.onnx.convert import convert_in_place
+    record = convert_in_place(m, "fold").records[0]  # the rule's guard, below the admission check
+    assert record.action != "folded" and "group=3" in record.reason
+    with pytest.raises(normswap.InvalidModelError, match="onnxruntime refuses it"):
+        normswap.convert(m, to="fold", validate=False)

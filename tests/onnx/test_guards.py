@@ -14,6 +14,7 @@ def test_training_mode_bn_is_never_folded():
     rng = np.random.default_rng(0)
     m = conv_bn(rng)
     m.graph.node[1].attribute.append(helper.make_attribute("training_mode", 1))
+    m.graph.node[1].output.extend(["running_mean", "running_var"])  # BatchNormalization-15 in training: 3 outputs
     m.opset_import[0].version = 15
     for target in ("fold", "affine"):
         r = normswap.convert(m, to=target, validate=False)
@@ -237,8 +238,11 @@ def test_channel_count_mismatch_is_kept():
     rng = np.random.default_rng(16)
     names, params = bn_params(4, rng)
     m = model([bn_node("x", "y", names)], [vi("x", [2, 5, 3])], [out("y", 3)], params)
-    r = normswap.convert(m, to="fold", validate=False)
-    assert r.report.layers[0].action == "kept" and "5 channels" in r.report.layers[0].reason
+    from normswap.onnx.convert import convert_in_place
+    record = convert_in_place(m, "fold").records[0]  # the rule's guard, below the admission check
+    assert record.action == "kept" and "5 channels" in record.reason
+    with pytest.raises(normswap.InvalidModelError, match="onnxruntime refuses it"):
+        normswap.convert(m, to="fold", validate=False)  # such a model is refused before converting
 
 
 def test_bn_inside_a_scan_body_and_ir3_subgraph_keeps_its_signature():
