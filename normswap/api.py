@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .errors import option
 from .errors import UnsupportedError, UsageError, ValidationFailedError
 from .activation_store import DEFAULT_MEMORY_BUDGET
 from .progress import auto_progress
@@ -60,7 +61,7 @@ class ConversionResult:
         _check_not_a_read_file(self.model, self.report.source, path)
         if self.report.passed is False and not keep_invalid:
             raise ValidationFailedError("the converted model failed validation, so it was not written; "
-                                        "inspect the report, or pass keep_invalid=True (--keep-invalid)")
+                                        f"inspect the report, or pass {option('keep_invalid', True)}")
         use_external = self.had_external_data if external_data is None else external_data
         written = save_model(self.model, path, external_data=use_external, progress=progress)
         self.report.output = str(path)
@@ -84,12 +85,12 @@ def _check_options(to: str, groups: int, group_size: int | None, layer_over: str
     if to not in TARGET_NAMES:
         raise UsageError(f"unknown target '{to}'; choose one of {', '.join(TARGET_NAMES)}")
     if groups < 1 or (group_size is not None and group_size < 1):
-        raise UsageError("--groups and --group-size must be positive")
+        raise UsageError(f"{option('groups')} and {option('group_size')} must be positive")
     if layer_over not in LAYER_OVER:
-        raise UsageError(f"--layer-over must be one of {', '.join(LAYER_OVER)}")
+        raise UsageError(f"{option('layer_over')} must be one of {', '.join(LAYER_OVER)} (got {layer_over!r})")
     if atol < 0 or rtol < 0:
-        raise UsageError("--atol and --rtol must be non-negative")
-    for name, gate in (("--min-cosine", min_cosine), ("--min-agreement", min_agreement)):
+        raise UsageError(f"{option('atol')} and {option('rtol')} must be non-negative")
+    for name, gate in ((option("min_cosine"), min_cosine), (option("min_agreement"), min_agreement)):
         if gate is not None and not -1.0 <= gate <= 1.0:
             raise UsageError(f"{name} must lie between -1 and 1")
     if batch_size < 1:
@@ -101,14 +102,15 @@ def _upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     from .onnx.io import opset_of
     current = opset_of(model)
     if opset < current:
-        raise UsageError(f"--opset {opset} is below the model's opset {current}; normswap only upgrades")
+        raise UsageError(f"{option('opset', opset)} is below the model's opset {current}; normswap only upgrades")
     if opset == current:
         return model
     try:
         upgraded = version_converter.convert_version(model, opset)
     except Exception as e:
         raise UnsupportedError(f"onnx's version converter cannot take this model to opset {opset} "
-                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); try a lower --opset") from None
+                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                               f"try a lower {option('opset')}") from None
     upgraded.ir_version = model.ir_version if model.ir_version >= 8 or opset < 15 else max(model.ir_version, 8)
     return upgraded
 
@@ -203,7 +205,7 @@ def convert(model, to: str = "fold", *, groups: int = DEFAULT_GROUPS, group_size
     conversion = convert_in_place(converted, to, keep_unfoldable, options, probe)
     notes = ([admission] if admission else []) + conversion.notes
     if calibration is not None and not replacing:
-        notes.append(f"calibration data ignored: --to {to} is exact and has nothing to fit")
+        notes.append(f"calibration data ignored: {option('to', to)} is exact and has nothing to fit")
     kept = sum(r.action == "kept" for r in conversion.records)
     if kept:
         notes.append(f"{kept} BatchNormalization node(s) kept as they were; see each one's reason")
@@ -222,7 +224,7 @@ def convert(model, to: str = "fold", *, groups: int = DEFAULT_GROUPS, group_size
         else:
             report.function_preserved = False
             notes.append("function NOT preserved: without calibration data the new layers use the BN's gamma and "
-                         "beta; pass calibration data (--calibrate data.npz, a few hundred unlabeled samples)")
+                         f"beta; pass {option('calibration')} data (a few hundred unlabeled samples)")
     if validate:
         main_norms = tuple(n.y for n in conversion.new_norms if n.graph == "main")
         report.validation = validate_models_checked(
@@ -233,7 +235,7 @@ def convert(model, to: str = "fold", *, groups: int = DEFAULT_GROUPS, group_size
             n.record.drift_cosine = report.validation.layer_cosine.get(n.y)
         if not target.exact and inputs is None:
             notes.append("fidelity was measured on random inputs, which a trained network may never see; pass "
-                         "held-out samples (--inputs data.npz) for a meaningful measure")
+                         f"held-out samples ({option('inputs')} data) for a meaningful measure")
     return ConversionResult(converted, report, had_external)
 
 
@@ -251,7 +253,7 @@ def validate_models_checked(reference: onnx.ModelProto | Path, candidate: onnx.M
                             progress: Progress | None = None) -> ValidationReport:
     from .validate.runner import validate_models
     if atol < 0 or rtol < 0:
-        raise UsageError("--atol and --rtol must be non-negative")
+        raise UsageError(f"{option('atol')} and {option('rtol')} must be non-negative")
     return validate_models(reference, candidate, provider=provider, inputs=inputs, input_shapes=input_shapes,
                            atol=atol, rtol=rtol, seed=seed, check=check, min_cosine=min_cosine,
                            min_agreement=min_agreement, layer_outputs=layer_outputs, progress=progress)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_VALIDATION_FAILED, NormswapError,
-                     UsageError)
+from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_VALIDATION_FAILED, SPEAKING_CLI,
+                     NormswapError, UsageError)
 from .report import ConversionReport, InspectReport, ValidationReport
 from .api import CALIBRATION_BATCH
 from .targets import DEFAULT_GROUPS, LAYER_OVER, TARGET_NAMES
@@ -107,6 +107,7 @@ def _terminated(signum, frame) -> None:
 def main(ctx: click.Context, debug: bool) -> None:
     """Rewrite the BatchNorm layers of trained networks, and validate the result in ONNX Runtime."""
     ctx.meta["normswap.debug"] = debug
+    SPEAKING_CLI.set(True)  # messages name flags (--input-shape), not API keywords (input_shapes=)
 
 
 def _validation_options(f):

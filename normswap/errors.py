@@ -4,6 +4,8 @@ Every message is one sentence that says what is wrong and what to do about it.
 """
 from __future__ import annotations
 
+import contextvars
+
 EXIT_OK = 0
 EXIT_VALIDATION_FAILED = 1
 EXIT_USAGE = 2
@@ -49,3 +51,20 @@ class OutputError(NormswapError):
     """The output could not be written."""
 
     exit_code = EXIT_CANNOT_WRITE
+
+
+# How a parameter is spelled in messages: the command line's flag, or the Python API's keyword. The CLI sets
+# ``SPEAKING_CLI`` for its run; every message that names a parameter goes through ``option``.
+SPEAKING_CLI: contextvars.ContextVar[bool] = contextvars.ContextVar("normswap_speaking_cli", default=False)
+_FLAGS = {"calibration": "--calibrate", "input_shapes": "--input-shape", "to": "--to", "validate": "--no-validate",
+          "example_inputs": "--calibrate"}
+
+
+def option(name: str, value: object = None) -> str:
+    """``option("input_shapes")`` is ``--input-shape`` from the CLI and ``input_shapes=`` from Python; with a
+    value, ``--groups 7`` / ``groups=7``."""
+    if SPEAKING_CLI.get():
+        flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+        return flag if value is None else f"{flag} {value}"
+    keyword = "validate=False" if name == "validate" else f"{name}="
+    return keyword if value is None or name == "validate" else f"{name}={value!r}"

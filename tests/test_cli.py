@@ -285,3 +285,18 @@ def test_a_closed_stdout_pipe_does_not_stop_the_job(model_path):
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0, err
     assert (model_path.parent / "m.fold.onnx").exists() and "Traceback" not in err and "error" not in err
+
+
+def test_messages_name_flags_on_the_command_line_and_keywords_in_python(tmp_path):
+    import normswap
+    from normswap.errors import option
+    m = conv_bn(np.random.default_rng(0))
+    m.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    p = tmp_path / "sym.onnx"
+    onnx.save_model(m, str(p))
+    r = cli("convert", p, "--to", "fold")
+    assert r.returncode == 2 and "--input-shape x:D0,D1,..." in r.stderr and "input_shapes=" not in r.stderr
+    with pytest.raises(normswap.UsageError) as info:
+        normswap.convert(m, to="fold")
+    assert "input_shapes={'x': (D0, D1, ...)}" in str(info.value) and "--input-shape" not in str(info.value)
+    assert option("groups", 7) == "groups=7" and option("calibration") == "calibration="

@@ -1,6 +1,7 @@
 """Reading intermediate values of a model in ONNX Runtime, batch by batch."""
 from __future__ import annotations
 
+from ..errors import option
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,7 +81,8 @@ class Activations:
             from ..errors import InvalidModelError
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise InvalidModelError(f"onnxruntime failed to run the {self.label} model: {message}; check that the "
-                                    "data (--inputs / --calibrate / --input-shape) fits the model's inputs") from None
+                                    f"data ({option('inputs')} / {option('calibration')} / {option('input_shapes')}) "
+                                    "fits the model's inputs") from None
         out = dict(zip(wanted, values))
         out.update({n: host_array(feeds[n]) for n in names if n in self.inputs})
         return out

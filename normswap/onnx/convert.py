@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from ..errors import option
 from ..report import LayerRecord
 from ..targets import DEFAULT_REPLACE_OPTIONS, ReplaceOptions
 from .graph import GraphIndex, NameRegistry
@@ -131,7 +132,7 @@ class _SiteConverter:
                 return self._apply(rule, site, match, action, f"{action} by {rule.name}")
             why_not = found or _unfoldable_reason(g, site)
             if self.keep_unfoldable:
-                return _kept(site, f"not foldable: {why_not} (kept by --keep-unfoldable)")
+                return _kept(site, f"not foldable: {why_not} (kept by {option('keep_unfoldable')})")
             return self._affine(site, why_not)
         if self.target == "affine":
             return self._affine(site, None)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from ..errors import option
 from .walk import free_names, subgraphs_of
 
 
@@ -147,7 +148,7 @@ def segment_model(model: onnx.ModelProto, segment: Segment, dtypes: Mapping[str,
         elif dtypes.get(name) is None:
             from ..errors import UnsupportedError
             raise UnsupportedError(f"calibration would have to keep the non-tensor value '{name}' (a sequence or "
-                                   "map) between segments, which it cannot; convert without --calibrate")
+                                   f"map) between segments, which it cannot; convert without {option('calibration')}")
         else:
             g.input.append(onnx.helper.make_tensor_value_info(
                 name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[name])), None))

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import option
 from ..errors import OutputError, UsageError, ValidationFailedError
 from ..report import ConversionReport
 from ..targets import REPLACEMENT_TARGETS, ReplaceOptions, get_target
@@ -30,7 +31,7 @@ class TorchConversionResult:
     def _check(self, keep_invalid: bool) -> None:
         if self.report.passed is False and not keep_invalid:
             raise ValidationFailedError("the converted module failed validation, so it was not written; inspect "
-                                        "the report, or pass keep_invalid=True (--keep-invalid)")
+                                        f"the report, or pass {option('keep_invalid', True)}")
 
     def save(self, path: str | os.PathLike, *, keep_invalid: bool = False) -> Path:
         """Write the converted weights (state_dict) as safetensors, atomically."""
@@ -103,7 +104,7 @@ def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibr
             notes.append("function NOT preserved: without calibration data the new layers use the BN's gamma and "
                          "beta; pass calibration data (a few hundred unlabeled samples)")
     elif calibration is not None and to not in REPLACEMENT_TARGETS:
-        notes.append(f"calibration data ignored: --to {to} is exact and has nothing to fit")
+        notes.append(f"calibration data ignored: {option('to', to)} is exact and has nothing to fit")
     if validate:
         from .validate import validate_modules
         held = as_args(inputs) if inputs is not None else example

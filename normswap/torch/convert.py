@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import option
 from .._math import allowed_groups, bn_affine, choose_groups, nonfinite_problem
 from ..errors import InvalidModelError, UsageError
 from ..report import LayerRecord
@@ -116,7 +117,7 @@ class TorchConverter:
         problem = nonfinite_problem(list(site.parameters64()), site.eps)
         if problem and not self.options.allow_nonfinite:
             raise InvalidModelError(f"BatchNorm '{site.name}' has {problem}; fix the module, or pass "
-                                    "allow_nonfinite=True (--allow-nonfinite) to rewrite it anyway")
+                                    f"{option('allow_nonfinite', True)} to rewrite it anyway")
         return problem is not None
 
     def _exact(self, root: nn.Module, site: TorchSite, flow: Dataflow) -> None:
@@ -221,7 +222,8 @@ def convert_module(module: nn.Module, target: str, options: ReplaceOptions, keep
     sites = find_sites(module)
     shapes = input_shapes(module, sites, example) if example is not None else {}
     if target in ("group", "layer", "instance") and example is None:
-        raise UsageError(f"--to {target} needs example inputs or calibration data to see each BN's input shape")
+        raise UsageError(f"{option('to', target)} needs {option('example_inputs')} or {option('calibration')} data "
+                         "to see each BN's input shape")
     converted = copy.deepcopy(module)
     flow = analyze(converted, find_sites(converted), example)
     converter = TorchConverter(target, keep_unfoldable, options)

@@ -16,6 +16,7 @@ import onnx
 import torch
 from torch import nn
 
+from ..errors import option
 from ..errors import UnsupportedError
 from ..report import ValidationReport
 from ..validate.compare import OutputStats
@@ -71,7 +72,7 @@ def export(module: nn.Module, args: tuple[torch.Tensor, ...], path: str | os.Pat
     finally:
         module.train(training)
     raise UnsupportedError("torch.onnx could not export the module (" + "; ".join(errors)[:300] +
-                           "); pass validate=False (--no-validate) to skip validation")
+                           f"); pass {option('validate')} to skip validation")
 
 
 def validate_modules(original: nn.Module, converted: nn.Module, args: tuple[torch.Tensor, ...], *, exact: bool,

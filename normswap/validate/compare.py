@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+from ..errors import option
 from ..report import OutputComparison
 
 DEFAULT_ATOL = 1e-4
@@ -115,11 +116,12 @@ class OutputStats:
         atol = self.applied_atol
         if check == "exact" and self.max_ref <= atol:
             return (f"every reference value is within atol ({atol:g}) of zero (largest {self.max_ref:.3g}): "
-                    "an all-zero output would pass; lower --atol or validate with inputs that give larger outputs")
+                    f"an all-zero output would pass; lower {option('atol')} or validate with inputs that give larger "
+                    "outputs")
         if self.samples >= 2 and self.spread <= atol:
             return (f"the reference output is the same for all {self.samples} samples (it moves by at most "
                     f"{self.spread:.3g}, atol {atol:g}): a model ignoring its input would pass; validate with "
-                    "inputs that change the output (--inputs real samples)")
+                    f"inputs that change the output (real samples as {option('inputs')})")
         return None
 
     @property

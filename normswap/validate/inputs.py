@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
+from ..errors import SPEAKING_CLI, option
 from ..errors import InvalidModelError, UsageError
 
 DEFAULT_BATCH = 2  # a symbolic first dimension becomes 2, so batch-mixing bugs show
@@ -20,6 +21,12 @@ def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
+def _shape_hint(name: str) -> str:
+    if SPEAKING_CLI.get():
+        return f"--input-shape {name}:D0,D1,..."
+    return f"input_shapes={{'{name}': (D0, D1, ...)}}"
+
+
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     """``NAME:1,3,224,224`` -> ``("NAME", (1, 3, 224, 224))``."""
     name, sep, dims = text.rpartition(":")
@@ -28,7 +35,7 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     except ValueError:
         shape = None
     if not sep or not name or shape is None or any(d <= 0 for d in shape):
-        raise UsageError(f"--input-shape '{text}' is not NAME:D1,D2,... with positive integers")
+        raise UsageError(f"{option('input_shapes')} '{text}' is not NAME:D1,D2,... with positive integers")
     return name, shape
 
 
@@ -37,11 +44,12 @@ def _shape_for(vi: onnx.ValueInfoProto, given: Mapping[str, tuple[int, ...]]) ->
     if vi.name in given:
         shape = tuple(given[vi.name])
         if len(shape) != len(dims):
-            raise UsageError(f"--input-shape for '{vi.name}' has {len(shape)} dims but the input has {len(dims)}")
+            raise UsageError(f"{option('input_shapes')} for '{vi.name}' has {len(shape)} dims but the input has "
+                             f"{len(dims)}")
         for k, (d, s) in enumerate(zip(dims, shape)):
             if d.HasField("dim_value") and d.dim_value != s:
-                raise UsageError(f"--input-shape for '{vi.name}' sets axis {k} to {s} but the model fixes it to "
-                                 f"{d.dim_value}")
+                raise UsageError(f"{option('input_shapes')} for '{vi.name}' sets axis {k} to {s} but the model "
+                                 f"fixes it to {d.dim_value}")
         return shape
     shape = []
     for k, d in enumerate(dims):
@@ -52,7 +60,7 @@ def _shape_for(vi: onnx.ValueInfoProto, given: Mapping[str, tuple[int, ...]]) ->
         else:
             label = d.dim_param or "unknown"
             raise UsageError(f"input '{vi.name}' has the symbolic dimension '{label}' at axis {k}; "
-                             f"pass --input-shape {vi.name}:D0,D1,... or --inputs data.npz")
+                             f"pass {_shape_hint(vi.name)} or {option('inputs')} data")
     return tuple(shape)
 
 
@@ -63,13 +71,13 @@ def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] 
     inputs = model_inputs(model)
     unknown = set(given) - {i.name for i in inputs}
     if unknown:
-        raise UsageError(f"--input-shape names unknown input(s) {sorted(unknown)}; the model's inputs are "
+        raise UsageError(f"{option('input_shapes')} names unknown input(s) {sorted(unknown)}; the model's inputs are "
                          f"{[i.name for i in inputs]}")
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for vi in inputs:
         if not vi.type.HasField("tensor_type"):
-            raise UsageError(f"input '{vi.name}' is not a tensor; pass --inputs data.npz")
+            raise UsageError(f"input '{vi.name}' is not a tensor; pass {option('inputs')} data")
         elem = vi.type.tensor_type.elem_type
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
         shape = _shape_for(vi, given)
@@ -80,7 +88,8 @@ def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] 
         elif dtype.kind == "b":
             feeds[vi.name] = rng.random(shape) < 0.5
         else:
-            raise UsageError(f"cannot generate data for input '{vi.name}' of type {dtype}; pass --inputs data.npz")
+            raise UsageError(f"cannot generate data for input '{vi.name}' of type {dtype}; pass {option('inputs')} "
+                             "data")
     return feeds
 
 

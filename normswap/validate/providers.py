@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 
+from ..errors import option
 from ..errors import UnsupportedError, UsageError
 
 CUDA = "CUDAExecutionProvider"
@@ -99,7 +100,7 @@ def select_providers(requested: str, runtime: ModuleType | None = None) -> Provi
     if usable:
         return ProviderChoice(requested, (CUDA, CPU), why)
     if requested == "cuda":
-        raise UnsupportedError(f"CUDA was requested but is not usable: {why}; use --provider cpu or auto")
+        raise UnsupportedError(f"CUDA was requested but is not usable: {why}; use {option('provider', 'cpu')} or auto")
     return ProviderChoice(requested, (CPU,), f"CPU (CUDA not usable: {why})")
 
 
@@ -107,4 +108,4 @@ def check_ran(choice: ProviderChoice, actual: list[str]) -> None:
     """Fail when CUDA was demanded but the real session did not create it."""
     if choice.requested == "cuda" and CUDA not in actual:
         raise UnsupportedError("CUDA was requested but onnxruntime created the session on "
-                               f"{', '.join(actual)}; use --provider cpu or auto")
+                               f"{', '.join(actual)}; use {option('provider', 'cpu')} or auto")

@@ -196,7 +196,7 @@ def test_calibration_data_forms():
     assert g.report.calibration.samples == 24 and any("read only once" in n for n in g.report.notes)
     with pytest.raises(normswap.UsageError):
         normswap.convert(net, to="layer", calibration="not data", validate=False)
-    with pytest.raises(normswap.UsageError, match="example inputs"):
+    with pytest.raises(normswap.UsageError, match="example_inputs= or calibration="):
         normswap.convert(net, to="group", validate=False)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from ...errors import option
 from ..._math import bn_affine, nonfinite_problem
 from ...targets import DEFAULT_REPLACE_OPTIONS, ReplaceOptions
 from ..graph import GraphIndex
@@ -127,7 +128,7 @@ def read_bn_site(graph: GraphIndex, i: int, options: ReplaceOptions = DEFAULT_RE
     if problem and not options.allow_nonfinite:
         from ...errors import InvalidModelError
         raise InvalidModelError(f"BatchNormalization '{site_name(node)}' has {problem}; fix the model, or pass "
-                                "--allow-nonfinite (allow_nonfinite=True) to rewrite it anyway")
+                                f"{option('allow_nonfinite', True)} to rewrite it anyway")
     s, t = bn_affine(*params, eps)
     x_type = graph.value_type(node.input[0])
     channels = int(params[0].size)

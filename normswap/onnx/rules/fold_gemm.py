@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from ...errors import option
 from ..._math import fold_bias, fold_matrix_columns, scaled_max_abs
 from .base import (BnSite, Rewritten, Rule, Skip, attr, cast_like, constant_float_weight, elem_type_of, overflow_skip,
                    per_channel_vector, producer_through_bias_add, set_attr, single_reader)
@@ -45,7 +46,8 @@ def match(site: BnSite) -> MatrixMatch | Skip | None:
     if guard:
         return guard
     if site.x_type is None or site.x_type.rank is None:
-        return Skip(f"the rank of the {node.op_type} output is unknown; pass --input-shape so it can be inferred")
+        return Skip(f"the rank of the {node.op_type} output is unknown; pass {option('input_shapes')} so it can be "
+                    "inferred")
     if site.x_type.rank != 2:
         return Skip(f"the {node.op_type} output is {site.x_type.rank}-D, so the BN's channel axis is not the "
                     "weight's output axis")

@@ -6,13 +6,14 @@ After:   x -> Mul(s) -> Add(t) -> y,   s = gamma / sqrt(var + eps),  t = beta - 
 ``s`` and ``t`` have shape ``(C, 1, ..., 1)`` (rank - 2 trailing ones; ``(C,)`` on (N, C) input) and the element
 type of ``x`` -- with BatchNormalization-15's mixed precision (fp16 ``x``, fp32 parameters) they are fp16, so
 the graph stays type-consistent. Conditions: the rank and element type of ``x`` are known; ``s`` and ``t`` are
-finite in that type (else the BN is kept: it normalizes ``x - mean`` first, where the affine would overflow). One BN becomes two
-nodes.
+finite in that type (else the BN is kept: it normalizes ``x - mean`` first, where the affine would overflow).
+One BN becomes two nodes.
 """
 from __future__ import annotations
 
 import onnx
 
+from ...errors import option
 from ..._math import per_channel_shape
 import numpy as np
 
@@ -27,7 +28,7 @@ def _x_elem_type(site: BnSite) -> int | None:
 
 def match(site: BnSite) -> int | Skip:
     if site.x_type is None or site.x_type.rank is None:
-        return Skip("the rank of its input is unknown; pass --input-shape so shape inference can find it")
+        return Skip(f"the rank of its input is unknown; pass {option('input_shapes')} so shape inference can find it")
     elem = _x_elem_type(site)
     if elem not in FLOAT_TYPES:
         return Skip("the element type of its input is unknown or not floating point")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+from ...errors import option
 from ..._math import allowed_groups, choose_groups
 from .base import FLOAT_TYPES, BnSite, Rewritten, Rule, Skip
 from .emit import Emitter, affine, from_float, group_normalize, instance_norm, to_float
@@ -37,12 +38,13 @@ def spatial_size(site: BnSite) -> int | None:
 def _common(site: BnSite) -> tuple[int, int, int] | Skip:
     """(rank, element type, spatial size) or why the site cannot be normalized."""
     if site.x_type is None or site.x_type.rank is None:
-        return Skip("the rank of its input is unknown; pass --input-shape so shape inference can find it")
+        return Skip(f"the rank of its input is unknown; pass {option('input_shapes')} so shape inference can find it")
     if site.x_type.elem_type not in FLOAT_TYPES:
         return Skip("the element type of its input is unknown or not floating point")
     spatial = spatial_size(site)
     if spatial is None:
-        return Skip("the spatial size of its input is unknown; pass --input-shape or --calibrate data")
+        return Skip(f"the spatial size of its input is unknown; pass {option('input_shapes')} or "
+                    f"{option('calibration')} data")
     return site.x_type.rank, site.x_type.elem_type, spatial
 
 

@@ -11,13 +11,14 @@ known, at least ``min_group_elements`` channels.
 """
 from __future__ import annotations
 
+from ...errors import option
 from .base import FLOAT_TYPES, BnSite, Rewritten, Rule, Skip
 from .emit import Emitter, channel_layer_norm
 
 
 def match(site: BnSite) -> tuple[int, int] | Skip:
     if site.x_type is None or site.x_type.rank is None:
-        return Skip("the rank of its input is unknown; pass --input-shape so shape inference can find it")
+        return Skip(f"the rank of its input is unknown; pass {option('input_shapes')} so shape inference can find it")
     if site.x_type.elem_type not in FLOAT_TYPES:
         return Skip("the element type of its input is unknown or not floating point")
     if site.channels < site.options.min_group_elements:
