@@ -66,17 +66,18 @@ def forward_seconds(path: Path, x: np.ndarray, repeats: int = 5) -> float:
 
 DISTILL_STEPS = 300
 TORCH_CONFIGS = [  # (label, kwargs, calibrated, opacus-style reset)
-    ("fresh GroupNorm, gamma=1 beta=0 (what Opacus does)", {"choose_groups": False}, False, True),
-    ("group G=32, gamma/beta copied", {"choose_groups": False}, False, False),
+    ("fresh GroupNorm, gamma=1 beta=0 (what Opacus does)", {}, False, True),
+    ("group G=32, gamma/beta copied", {}, False, False),
     ("group G=32, calibrated", {}, True, False),
+    ("group auto (G chosen by fit), calibrated", {"groups": "auto"}, True, False),
     (f"group G=32, calibrated + distilled {DISTILL_STEPS} steps", {"distill_steps": DISTILL_STEPS}, True, False),
 ]
 
 CONFIGS = [  # (label, target, kwargs, calibrated)
     ("group G=32, gamma/beta copied", "group", {"groups": 32}, False),
-    ("group G=32, calibrated (G fixed per layer)", "group", {"groups": 32, "choose_groups": False}, True),
+    ("group G=32, calibrated (G as asked)", "group", {"groups": 32}, True),
     ("group G=32, calibrated, norms only", "group", {"groups": 32, "refit_output_layer": False}, True),
-    ("group G=32, calibrated (G chosen by fit)", "group", {"groups": 32}, True),
+    ("group auto, calibrated (G chosen by fit)", "group", {"groups": "auto"}, True),
     ("layer, gamma/beta copied", "layer", {}, False),
     ("layer, calibrated, norms only", "layer", {"refit_output_layer": False}, True),
     ("layer, calibrated", "layer", {}, True),
@@ -141,7 +142,8 @@ def run(out: Path) -> None:
                           flush=True)
                 for label, target, options, choose in REFERENCE_CONFIGS:
                     segmented = normswap.convert(path, to=target, inputs=held, provider="cpu", calibration=calib,
-                                                 refit_output_layer=False, choose_groups=choose, **options)
+                                                 refit_output_layer=False,
+                                                 **({"groups": "auto"} if choose and target == "group" else options))
                     results.setdefault(("reference", net_name, label), []).append(
                         (segmented.report.validation.outputs[0].top1_agreement,
                          reference_agreement(path, target, options, choose, calib, held)))
@@ -237,7 +239,7 @@ def write(out: Path, results, accuracies) -> None:
         "- On 8x8 inputs with 16-44 channels, `--groups 32` leaves one channel per group (InstanceNorm), which "
         "throws away each channel's spatial mean -- information no per-channel affine can restore (the 'G fixed' "
         "and 'instance' rows). With calibration data, each layer's group count is chosen among the allowed ones by "
-        "measured fit (`--fixed-groups` turns this off); here the fit picks one or two groups, and the report "
+        "measured fit with `--groups auto`; here the fit picks one or two groups, and the report "
         "lists the count of every layer.",
         "- LayerNorm normalizes each sample by its own statistics: the per-sample scale and offset that BN kept are "
         "gone, and the closed-form fit can only match them on average. The output-layer refit recovers about one "

@@ -153,7 +153,7 @@ def emitted_forms(quick: bool) -> list[tuple]:
 
     bn = model([helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["y"])], params, 21)
     gn21 = model([helper.make_node("GroupNormalization", ["x", "g", "b"], ["y"], num_groups=g)], params[:2], 21)
-    emitted = normswap.convert(bn, to="group", groups=g, validate=False, choose_groups=False).model
+    emitted = normswap.convert(bn, to="group", groups=g, validate=False).model
     layer = normswap.convert(bn, to="layer", layer_over="channels", validate=False).model
     inst = normswap.convert(bn, to="instance", validate=False).model
     feeds = {"x": x}

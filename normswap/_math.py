@@ -126,15 +126,31 @@ def choose_groups(channels: int, spatial: int, *, groups: int | None = None, gro
     """
     if (groups is None) == (group_size is None):
         raise ValueError("give exactly one of groups or group_size")
+    from .errors import option
     target = groups if groups is not None else max(1, channels // group_size)
     for g in divisors_up_to(channels, max(1, target)):
         if (channels // g) * spatial >= min_elements:
             how = f"{g} groups of {channels // g} channels"
             if g != target:
-                how += f" (asked {target}: {'not a divisor of ' + str(channels) if channels % target else 'groups too small'})"
+                if channels % target:
+                    why = (f"{target} does not divide {channels}" if groups is not None
+                           else f"{channels} channels are not a multiple of {group_size}")
+                else:
+                    why = f"{target} groups would hold fewer than {min_elements} values per sample"
+                asked = option("groups", groups) if groups is not None else option("group_size", group_size)
+                how += f" (asked {asked}: {why})"
             return g, how
     return None, (f"even one group holds only {channels * spatial} values per sample (< {min_elements}); "
                   "normalizing it would discard the signal")
+
+
+def one_channel_per_group_note(groups: int, channels: int) -> str:
+    """Said of a GroupNorm layer whose groups hold one channel each (it is then an InstanceNorm)."""
+    if groups != channels or channels < 2:
+        return ""
+    from .errors import option
+    return ("; one channel per group: InstanceNorm, which discards each channel's mean over positions (calibration "
+            f"cannot restore it; {option('groups', 'auto')} chooses G by fit)")
 
 
 def allowed_groups(channels: int, spatial: int, limit: int, min_elements: int = MIN_GROUP_ELEMENTS) -> list[int]:

@@ -19,7 +19,8 @@ from .errors import UnsupportedError, UsageError, ValidationFailedError
 from .activation_store import DEFAULT_MEMORY_BUDGET
 from .progress import auto_progress
 from .report import ConversionReport, InspectReport, ValidationReport
-from .targets import DEFAULT_GROUPS, LAYER_OVER, REPLACEMENT_TARGETS, TARGET_NAMES, ReplaceOptions, get_target
+from .targets import (LAYER_OVER, REPLACEMENT_TARGETS, TARGET_NAMES, ReplaceOptions, auto_groups_note, get_target,
+                      resolve_groups)
 from .validate.compare import DEFAULT_ATOL, DEFAULT_RTOL
 
 ModelLike = str | os.PathLike | onnx.ModelProto
@@ -80,12 +81,10 @@ def _check_not_a_read_file(model: onnx.ModelProto, source: str, dest: str | os.P
         WritePlan(sorted(files)).add(dest, "the output")
 
 
-def _check_options(to: str, groups: int, group_size: int | None, layer_over: str, atol: float, rtol: float,
+def _check_options(to: str, layer_over: str, atol: float, rtol: float,
                    min_cosine: float | None, min_agreement: float | None, batch_size: int) -> None:
     if to not in TARGET_NAMES:
         raise UsageError(f"unknown target '{to}'; choose one of {', '.join(TARGET_NAMES)}")
-    if groups < 1 or (group_size is not None and group_size < 1):
-        raise UsageError(f"{option('groups')} and {option('group_size')} must be positive")
     if layer_over not in LAYER_OVER:
         raise UsageError(f"{option('layer_over')} must be one of {', '.join(LAYER_OVER)} (got {layer_over!r})")
     if atol < 0 or rtol < 0:
@@ -139,9 +138,9 @@ def _is_torch_module(model) -> bool:
 
 
 @auto_progress
-def convert(model, to: str = "fold", *, groups: int = DEFAULT_GROUPS, group_size: int | None = None,
+def convert(model, to: str = "fold", *, groups: int | str | None = None, group_size: int | None = None,
             layer_over: str = "all", calibration=None, refit_output_layer: bool = True,
-            choose_groups: bool = True, distill_steps: int = 0, example_inputs=None,
+            distill_steps: int = 0, example_inputs=None,
             calibration_batch_size: int = CALIBRATION_BATCH, calibration_memory: int = DEFAULT_MEMORY_BUDGET,
             keep_unfoldable: bool = False, allow_nonfinite: bool = False, validate: bool = True,
             provider: str = "auto", inputs: Inputs = None, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
@@ -153,15 +152,18 @@ def convert(model, to: str = "fold", *, groups: int = DEFAULT_GROUPS, group_size
     atol / rtol, replacement targets for fidelity (gated by ``min_cosine`` / ``min_agreement`` when given).
     ``calibration`` (unlabeled samples; ONNX: an .npz path or a mapping of input name to array; torch: a tensor,
     a tuple of tensors or an iterable of batches) refits the new layers so the network keeps its function;
-    ``distill_steps`` (torch) then trains their scale and shift to match the original outputs. Calibration runs
+    ``distill_steps`` (torch) then trains their scale and shift to match the original outputs. ``to="group"``:
+    ``groups=G`` (default 32) is honoured in every layer whose C allows it (the largest divisor of C not above G;
+    the report gives each layer's count and why it differs), ``group_size=S`` asks for S channels per group, and
+    ``groups="auto"`` lets calibration choose each layer's count by measured fit. Calibration runs
     each model once, segment by segment, keeping activations in memory up to ``calibration_memory`` bytes (a
     quarter of RAM by default) and on disk beyond. A BN with NaN / infinite parameters, a NaN epsilon or a
     negative variance is refused (``InvalidModelError``) unless ``allow_nonfinite``. Validation failure
     is recorded in the report, not raised. ``progress``: None draws a bar on stderr when it is a terminal, False
     draws none, a callable receives ``(done, total, label)``. Returns a ``ConversionResult`` (ONNX) or
     ``TorchConversionResult``."""
-    _check_options(to, groups, group_size, layer_over, atol, rtol, min_cosine, min_agreement,
-                   calibration_batch_size)
+    _check_options(to, layer_over, atol, rtol, min_cosine, min_agreement, calibration_batch_size)
+    groups, choose_groups = resolve_groups(to, groups, group_size)
     if distill_steps < 0:
         raise UsageError("distill_steps must not be negative")
     if calibration_memory < 0:
@@ -204,6 +206,8 @@ def convert(model, to: str = "fold", *, groups: int = DEFAULT_GROUPS, group_size
     probe = _shape_probe(reference, calib, input_shapes, seed, provider) if replacing else None
     conversion = convert_in_place(converted, to, keep_unfoldable, options, probe)
     notes = ([admission] if admission else []) + conversion.notes
+    if choose_groups and calibration is None:
+        notes.append(auto_groups_note(groups))
     if calibration is not None and not replacing:
         notes.append(f"calibration data ignored: {option('to', to)} is exact and has nothing to fit")
     kept = sum(r.action == "kept" for r in conversion.records)

@@ -15,7 +15,7 @@ from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_VALI
                      NormswapError, UsageError)
 from .report import ConversionReport, InspectReport, ValidationReport
 from .api import CALIBRATION_BATCH
-from .targets import DEFAULT_GROUPS, LAYER_OVER, TARGET_NAMES
+from .targets import DEFAULT_GROUPS, LAYER_OVER, TARGET_NAMES, resolve_groups
 from .validate.compare import DEFAULT_ATOL, DEFAULT_RTOL
 from .validate.providers import PROVIDER_CHOICES
 
@@ -159,6 +159,10 @@ def _fmt(x, spec: str = ".3g") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _verdict(passed: bool | None) -> str:
+    return "measured" if passed is None else ("ok" if passed else "FAIL")
+
+
 def _print_validation(v: ValidationReport) -> None:
     if v.check == "exact":
         rule = f"exact, atol={v.atol:g} rtol={v.rtol:g}"
@@ -170,7 +174,7 @@ def _print_validation(v: ValidationReport) -> None:
     click.echo(f"  {'output':<24} {'max_abs':>10} {'max_rel':>10} {'mean_abs':>10} {'cosine':>10} {'top1':>6}  result")
     for o in v.outputs:
         click.echo(f"  {o.name[:24]:<24} {_fmt(o.max_abs):>10} {_fmt(o.max_rel):>10} {_fmt(o.mean_abs):>10} "
-                   f"{_fmt(o.cosine, '.6f'):>10} {_fmt(o.top1_agreement, '.2f'):>6}  {'ok' if o.passed else 'FAIL'}")
+                   f"{_fmt(o.cosine, '.6f'):>10} {_fmt(o.top1_agreement, '.2f'):>6}  {_verdict(o.passed)}")
         if o.problem:
             click.echo(f"  {o.name}: {o.problem}")
     for caution in v.cautions:
@@ -190,6 +194,15 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
         click.echo("  ".join(_cut(c, w).ljust(w) if w else c for c, w in zip(row, widths)).rstrip())
 
 
+def _group_counts(r: ConversionReport) -> str:
+    """': G=32 x18, G=16 x2' for the converted group / layer / instance layers, most frequent first."""
+    from collections import Counter
+    counts = Counter(layer.groups for layer in r.layers if layer.action == "converted" and layer.groups)
+    if not counts:
+        return ""
+    return " (" + ", ".join(f"G={g} x{n}" for g, n in sorted(counts.items(), key=lambda kv: (-kv[1], -kv[0]))) + ")"
+
+
 def _print_conversion(r: ConversionReport) -> None:
     if r.exact:
         _table([[layer.name, layer.action, _fmt(layer.channels, "d"),
@@ -199,7 +212,8 @@ def _print_conversion(r: ConversionReport) -> None:
         _table([[layer.name, layer.action, _fmt(layer.channels, "d"), _fmt(layer.groups, "d"),
                  "yes" if layer.calibrated else "no", _fmt(layer.drift_cosine, ".4f"), layer.reason]
                 for layer in r.layers], ["layer", "action", "C", "G", "calibrated", "cosine", "reason"])
-    summary = ", ".join(f"{r.count(a)} {a}" for a in ("folded", "converted", "affine", "kept") if r.count(a))
+    summary = ", ".join(f"{r.count(a)} {a}" + (_group_counts(r) if a == "converted" else "")
+                        for a in ("folded", "converted", "affine", "kept") if r.count(a))
     unit = "nodes" if r.frontend == "onnx" else "modules"
     click.echo(f"{len(r.layers)} BatchNorm site(s): {summary or 'none'}; {unit} {r.nodes_before} -> {r.nodes_after}")
     if r.calibration is not None:
@@ -222,6 +236,8 @@ def _print_conversion(r: ConversionReport) -> None:
                    "data.npz (a few hundred unlabeled samples) so the new layers are fitted", err=True)
     if r.validation is not None:
         _print_validation(r.validation)
+    if not r.exact:
+        click.echo(f"function_preserved: {str(r.function_preserved).lower()}")
 
 
 def _progress(quiet: bool):
@@ -329,8 +345,9 @@ def inspect(model: str | None, torch_model: str | None, weights: str | None, as_
 @click.option("--keep-unfoldable", is_flag=True, help="With --to fold, leave BNs that cannot fold as BN.")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Rewrite BNs with NaN / infinite parameters or a negative variance (refused by default, exit 3).")
-@click.option("--groups", type=int, default=DEFAULT_GROUPS, show_default=True,
-              help="--to group: target group count, chosen per layer (largest divisor of C not above it).")
+@click.option("--groups", type=str, default=None, metavar="G|auto",
+              help=f"--to group: G groups in every layer whose channels allow it (else the largest divisor of C "
+                   f"below G; default {DEFAULT_GROUPS}); 'auto' lets --calibrate choose each layer's count by fit.")
 @click.option("--group-size", type=int, default=None, help="--to group: channels per group instead of --groups.")
 @click.option("--layer-over", type=click.Choice(LAYER_OVER), default="all", show_default=True,
               help="--to layer: normalize over all non-batch dims, or over channels at each position.")
@@ -338,8 +355,6 @@ def inspect(model: str | None, torch_model: str | None, weights: str | None, as_
               help="Unlabeled samples (.npz keyed by input name) to fit the new layers to the original.")
 @click.option("--calibrate-norms-only", is_flag=True,
               help="Calibrate only the new norm layers (do not refit the output layer).")
-@click.option("--fixed-groups", is_flag=True,
-              help="--to group with --calibrate: keep each layer's group count instead of choosing it by fit.")
 @click.option("--calibration-batch-size", type=int, default=CALIBRATION_BATCH, show_default=True,
               help="Samples per calibration run (a fixed-batch model is fed its own batch when it must be).")
 @click.option("--calibration-memory", type=str, default=None, metavar="SIZE",
@@ -357,9 +372,9 @@ def inspect(model: str | None, torch_model: str | None, weights: str | None, as_
 @_validation_options
 def convert(model: str | None, torch_model: str | None, weights: str | None, export_onnx: str | None,
             distill_steps: int, target: str, output: str | None, in_place: bool, keep_unfoldable: bool,
-            allow_nonfinite: bool, groups: int,
+            allow_nonfinite: bool, groups: str | None,
             group_size: int | None, layer_over: str, calibration: str | None, calibrate_norms_only: bool,
-            fixed_groups: bool, calibration_batch_size: int, calibration_memory: str | None, opset: int | None,
+            calibration_batch_size: int, calibration_memory: str | None, opset: int | None,
             min_cosine: float | None, min_agreement: float | None, quiet: bool, validate: bool,
             keep_invalid: bool, provider: str, inputs: str | None, input_shapes: tuple[str, ...], atol: float,
             rtol: float, seed: int, report_path: str | None) -> None:
@@ -372,9 +387,10 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
     if output == "":
         raise UsageError("-o is empty; name the output file")
     memory = _size(calibration_memory)
+    resolve_groups(target, groups, group_size)  # conflicting options fail before any work
     if torch_model:
         return _convert_torch(torch_model, weights, export_onnx, distill_steps, target, output, keep_unfoldable,
-                              groups, group_size, layer_over, calibration, calibrate_norms_only, fixed_groups,
+                              groups, group_size, layer_over, calibration, calibrate_norms_only,
                               calibration_batch_size, memory, min_cosine, min_agreement, quiet, validate,
                               keep_invalid, provider, inputs, input_shapes, atol, rtol, seed, report_path)
     if export_onnx or distill_steps or weights:
@@ -392,7 +408,7 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
     with _progress(quiet) as progress:
         result = convert_model(model, target, groups=groups, group_size=group_size, layer_over=layer_over,
                                calibration=calibration, refit_output_layer=not calibrate_norms_only,
-                               choose_groups=not fixed_groups, calibration_batch_size=calibration_batch_size,
+                               calibration_batch_size=calibration_batch_size,
                                calibration_memory=memory, keep_unfoldable=keep_unfoldable,
                                allow_nonfinite=allow_nonfinite, validate=validate,
                                provider=provider, inputs=inputs, input_shapes=shapes, atol=atol, rtol=rtol,
@@ -439,7 +455,7 @@ def _torch_args(module, shapes: dict[str, tuple[int, ...]], npz: str | None, see
 
 
 def _convert_torch(spec, weights, export_onnx, distill_steps, target, output, keep_unfoldable, groups, group_size,
-                   layer_over, calibration, calibrate_norms_only, fixed_groups, calibration_batch_size, memory,
+                   layer_over, calibration, calibrate_norms_only, calibration_batch_size, memory,
                    min_cosine, min_agreement, quiet, validate, keep_invalid, provider, inputs, input_shapes, atol,
                    rtol, seed, report_path) -> None:
     from .api import convert as convert_model
@@ -462,7 +478,7 @@ def _convert_torch(spec, weights, export_onnx, distill_steps, target, output, ke
     with _progress(quiet) as progress:
         result = convert_model(module, target, groups=groups, group_size=group_size, layer_over=layer_over,
                                calibration=calib, refit_output_layer=not calibrate_norms_only,
-                               choose_groups=not fixed_groups, calibration_batch_size=calibration_batch_size,
+                               calibration_batch_size=calibration_batch_size,
                                calibration_memory=memory, distill_steps=distill_steps,
                                example_inputs=example if example is not None else held,
                                keep_unfoldable=keep_unfoldable, validate=validate, provider=provider, inputs=held,
@@ -509,9 +525,9 @@ def validate(reference: str, candidate: str, check: str, min_cosine: float | Non
                              min_cosine=min_cosine, min_agreement=min_agreement)
     if report_path != "-":
         _print_validation(report)
-        click.echo("passed" if report.passed else "FAILED")
+        click.echo({True: "passed", False: "FAILED", None: "measured (no gate given)"}[report.passed])
     _write_report(report, report_path)
-    if not report.passed:
+    if report.passed is False:
         sys.exit(EXIT_VALIDATION_FAILED)
 
 

@@ -59,12 +59,12 @@ class OutputComparison:
     mean_abs: float
     cosine: float
     top1_agreement: float | None
-    passed: bool
+    passed: bool | None  # None: a fidelity check with no gate, measured only
     problem: str | None = None  # why the comparison cannot pass, when it is not a difference of values
     caution: str | None = None  # why this output cannot tell the two models apart (a pass here proves little)
 
     def __bool__(self) -> bool:
-        return self.passed
+        return bool(self.passed)
 
 
 @dataclass
@@ -84,8 +84,12 @@ class ValidationReport(_Json):
     layer_cosine: dict[str, float] = field(default_factory=dict)
 
     @property
-    def passed(self) -> bool:
-        return all(o.passed for o in self.outputs)
+    def passed(self) -> bool | None:
+        """False when an output failed; None when the check only measured (fidelity without a gate); else True."""
+        results = [o.passed for o in self.outputs]
+        if any(r is False for r in results):
+            return False
+        return None if any(r is None for r in results) else True
 
     @property
     def cautions(self) -> list[str]:
@@ -93,7 +97,7 @@ class ValidationReport(_Json):
         return [f"output '{o.name}': {o.caution}" for o in self.outputs if o.caution]
 
     def __bool__(self) -> bool:
-        return self.passed
+        return bool(self.passed)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -143,10 +147,14 @@ class ConversionReport(_Json):
 
     @property
     def passed(self) -> bool | None:
-        """``None`` when validation did not run, else whether it (and the export check, if any) passed."""
+        """``None`` when validation did not run or only measured (fidelity without a gate), else whether it (and
+        the export check, if any) passed."""
         if self.validation is None:
             return None
-        return self.validation.passed and (self.deployable is None or self.deployable.passed)
+        results = (self.validation.passed, None if self.deployable is None else self.deployable.passed)
+        if False in results:
+            return False
+        return self.validation.passed
 
     def count(self, action: str) -> int:
         return sum(1 for layer in self.layers if layer.action == action)

@@ -36,6 +36,31 @@ TARGETS: tuple[Target, ...] = (
 REPLACEMENT_TARGETS = ("group", "layer", "instance")
 LAYER_OVER = ("all", "channels")
 DEFAULT_GROUPS = 32
+AUTO_GROUPS = "auto"
+
+
+def resolve_groups(to: str, groups: int | str | None, group_size: int | None) -> tuple[int, bool]:
+    """``(G, by_fit)`` for the group target: ``groups=G`` is honoured in every layer C allows (the largest divisor of
+    C not above G); ``groups="auto"`` lets calibration choose each layer's count by measured fit (up to
+    ``DEFAULT_GROUPS``); neither given: ``DEFAULT_GROUPS``, honoured. Options that conflict, or that the target
+    would ignore, are refused (``UsageError``) quoting what the caller passed."""
+    from .errors import UsageError, option
+    if groups is not None and group_size is not None:
+        raise UsageError(f"pass {option('groups', groups)} or {option('group_size', group_size)}, not both")
+    given = (option("groups", groups) if groups is not None else
+             option("group_size", group_size) if group_size is not None else None)
+    if given is not None and to != "group":
+        raise UsageError(f"{given} applies to {option('to', 'group')} only, not {option('to', to)}; remove it")
+    if groups is None or groups == AUTO_GROUPS:
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                       or group_size < 1):
+            raise UsageError(f"{option('group_size', group_size)} must be a positive integer")
+        return DEFAULT_GROUPS, groups == AUTO_GROUPS
+    if isinstance(groups, str) and groups.isdigit():
+        groups = int(groups)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise UsageError(f"{option('groups', groups)} must be a positive integer or '{AUTO_GROUPS}'")
+    return groups, False
 
 
 @dataclass(frozen=True)
@@ -66,3 +91,10 @@ def get_target(name: str) -> Target:
 
 
 DEFAULT_REPLACE_OPTIONS = ReplaceOptions()
+
+
+def auto_groups_note(limit: int) -> str:
+    """Said when ``groups="auto"`` has no calibration data to choose by."""
+    from .errors import option
+    return (f"{option('groups', AUTO_GROUPS)} chooses group counts by fit on calibration data; without it each "
+            f"layer uses the largest count up to {limit} its channels allow")

@@ -148,7 +148,7 @@ def test_group_with_calibration_and_gates(tmp_path):
     x = np.load(tmp_path / "digits_heldout.npz")["x"]
     np.savez(tmp_path / "calib.npz", x=x[:200])
     np.savez(tmp_path / "held.npz", x=x[200:])
-    r = cli("convert", "digits_resnet.onnx", "--to", "group", "--groups", "32", "--calibrate", "calib.npz",
+    r = cli("convert", "digits_resnet.onnx", "--to", "group", "--groups", "auto", "--calibrate", "calib.npz",
             "--inputs", "held.npz", "--min-agreement", "0.97", "--report", "r.json", "--calibration-memory", "1M",
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -300,3 +300,28 @@ def test_messages_name_flags_on_the_command_line_and_keywords_in_python(tmp_path
         normswap.convert(m, to="fold")
     assert "input_shapes={'x': (D0, D1, ...)}" in str(info.value) and "--input-shape" not in str(info.value)
     assert option("groups", 7) == "groups=7" and option("calibration") == "calibration="
+
+
+def test_groups_as_asked_are_summarized_and_an_ungated_fidelity_check_is_measured_not_passed(model_path, tmp_path):
+    r = cli("convert", model_path, "--to", "group", "--groups", "3", "--report", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    assert "1 converted (G=3 x1)" in r.stdout and "measured" in r.stdout
+    assert "\nfunction_preserved: false\n" in r.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] is None and report["validation"]["passed"] is None
+    assert report["layers"][0]["groups"] == 3 and report["function_preserved"] is False
+    gated = cli("convert", model_path, "--to", "group", "--groups", "3", "--min-cosine", "-1", "-o",
+                tmp_path / "g.onnx", "--report", tmp_path / "g.json")
+    assert gated.returncode == 0 and json.loads((tmp_path / "g.json").read_text())["passed"] is True
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--to", "group", "--groups", "8", "--group-size", "2"], "pass --groups 8 or --group-size 2, not both"),
+    (["--to", "layer", "--groups", "8"], "--groups 8 applies to --to group only, not --to layer"),
+    (["--to", "fold", "--group-size", "4"], "--group-size 4 applies to --to group only"),
+    (["--to", "group", "--groups", "many"], "--groups many must be a positive integer or 'auto'"),
+    (["--to", "group", "--groups", "0"], "--groups 0 must be a positive integer"),
+])
+def test_conflicting_or_ignored_group_options_exit_2_quoting_what_was_typed(model_path, tmp_path, args, message):
+    r = cli("convert", model_path, *args, "-o", tmp_path / "never.onnx")
+    assert r.returncode == 2 and message in r.stderr and not (tmp_path / "never.onnx").exists()

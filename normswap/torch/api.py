@@ -13,7 +13,7 @@ from torch import nn
 from ..errors import option
 from ..errors import OutputError, UsageError, ValidationFailedError
 from ..report import ConversionReport
-from ..targets import REPLACEMENT_TARGETS, ReplaceOptions, get_target
+from ..targets import REPLACEMENT_TARGETS, ReplaceOptions, auto_groups_note, get_target
 from .calibrate import calibrate, distill, module_device
 from .convert import convert_module
 from .data import Batches, as_args, positional_arity
@@ -86,6 +86,8 @@ def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibr
         raise UsageError("distill_steps needs a replacement target (group / layer / instance) and calibration data")
     converted, converter, flow, _ = convert_module(module, to, options, keep_unfoldable, example)
     notes = [flow.problem] if flow.problem else []
+    if choose_groups and data is None and to == "group":
+        notes.append(auto_groups_note(options.groups))
     report = ConversionReport(to, target.exact, type(module).__name__, converter.records,
                               sum(1 for _ in module.modules()), sum(1 for _ in converted.modules()), notes=notes,
                               frontend="torch")

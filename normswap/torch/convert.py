@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import option
-from .._math import allowed_groups, bn_affine, choose_groups, nonfinite_problem
+from .._math import allowed_groups, bn_affine, choose_groups, nonfinite_problem, one_channel_per_group_note
 from ..errors import InvalidModelError, UsageError
 from ..report import LayerRecord
 from ..targets import ReplaceOptions
@@ -177,6 +177,7 @@ class TorchConverter:
                 why = how if groups is None else f"each channel holds only {spatial} values per sample"
                 return self._affine(root, site, flow, f"cannot become {kind} norm: {why}")
             if kind == "group":
+                how += one_channel_per_group_note(groups, site.channels)
                 candidates = tuple(allowed_groups(site.channels, spatial, opts.groups if opts.group_size is None
                                                   else groups, opts.min_group_elements))
             new = nn.GroupNorm(groups, site.channels, eps=site.eps, affine=True)

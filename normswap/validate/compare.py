@@ -4,7 +4,8 @@ Exact checks pass when ``|cand - ref| <= atol + rtol * |ref|`` everywhere (``num
 infinities in the same places. Half-precision outputs (float16 / bfloat16) are compared with at least
 ``HALF_ATOL`` / ``HALF_RTOL``, since their last bit is ~1e-3 of the value. Fidelity checks (non-exact targets)
 pass when the cosine similarity is at least ``min_cosine`` and the top-1 agreement at least ``min_agreement``
-(each only when given). Neither passes over no values, or when the reference output holds NaN or infinity.
+(each only when given); with neither gate, a fidelity check is *measured*, not passed (``passed`` is None).
+Neither passes over no values, or when the reference output holds NaN or infinity.
 
 A comparison that cannot tell two models apart carries a ``caution``: the reference output is the same for
 every sample (within atol; a model that ignores its input would match it), or every reference value lies within
@@ -139,8 +140,11 @@ class OutputStats:
             return OutputComparison(self.name, shape, self.dtype, None, None, None, None, None, False)
         max_rel = self.max_abs / self.max_ref if self.max_ref > 0 else (0.0 if self.max_abs == 0 else math.inf)
         top1 = self.agree / self.rows if self.classes and self.rows else None
+        passed: bool | None
         if check == "exact":
             passed = self.same_nonfinite and self.within
+        elif min_cosine is None and min_agreement is None:  # nothing to pass: measured only
+            passed = None if self.same_nonfinite else False
         else:
             passed = (self.same_nonfinite and (min_cosine is None or self.cosine >= min_cosine)
                       and (min_agreement is None or top1 is None or top1 >= min_agreement))
@@ -151,7 +155,7 @@ class OutputStats:
             problem = "no values were compared (no samples)"
         mean_abs = self.sum_abs / self.count if self.count else 0.0
         return OutputComparison(self.name, shape, self.dtype, _finite(self.max_abs), _finite(max_rel),
-                                _finite(mean_abs), _finite(self.cosine), top1, passed and problem is None,
+                                _finite(mean_abs), _finite(self.cosine), top1, False if problem else passed,
                                 problem, self.caution(check))
 
 

@@ -44,11 +44,11 @@ def _assert_same_weights(a: onnx.ModelProto, b: onnx.ModelProto, rtol=1e-4, atol
         np.testing.assert_allclose(wa[name], wb[name], rtol=rtol, atol=atol, err_msg=name)
 
 
-@pytest.mark.parametrize("target,floor", [("layer", 0.97), ("group", 0.97)])
-def test_calibration_recovers_the_function(digits, target, floor):
+@pytest.mark.parametrize("target,options,floor", [("layer", {}, 0.97), ("group", {"groups": "auto"}, 0.97)])
+def test_calibration_recovers_the_function(digits, target, options, floor):
     calib, held = digits
-    plain = normswap.convert(MODEL, to=target, inputs=held)
-    fitted = normswap.convert(MODEL, to=target, inputs=held, calibration=calib)
+    plain = normswap.convert(MODEL, to=target, inputs=held, **options)
+    fitted = normswap.convert(MODEL, to=target, inputs=held, calibration=calib, **options)
     assert _agreement(plain) < 0.6  # copying gamma/beta forgets (Opacus-style)
     assert _agreement(fitted) >= floor
     assert fitted.report.function_preserved and fitted.report.calibration.samples == 200
@@ -68,10 +68,10 @@ def test_norms_only_scope_leaves_the_output_layer(digits):
         assert after[name] == head[name]
 
 
-def test_fixed_groups_keep_the_rule_choice(digits):
+def test_asked_groups_are_honoured_and_auto_chooses_by_fit(digits):
     calib, held = digits
-    by_fit = normswap.convert(MODEL, to="group", calibration=calib, inputs=held)
-    fixed = normswap.convert(MODEL, to="group", calibration=calib, inputs=held, choose_groups=False)
+    by_fit = normswap.convert(MODEL, to="group", groups="auto", calibration=calib, inputs=held)
+    fixed = normswap.convert(MODEL, to="group", groups=32, calibration=calib, inputs=held)
     assert [layer.groups for layer in fixed.report.layers] == [16, 16, 16, 24, 24, 24]  # largest divisor <= 32
     assert any(a.groups != b.groups for a, b in zip(by_fit.report.layers, fixed.report.layers))
     assert "chose" in by_fit.report.layers[-1].reason
@@ -277,7 +277,7 @@ def test_an_ir3_model_listing_initializers_as_inputs_calibrates_when_g_changes(d
     m = onnx.load(str(MODEL))
     m.ir_version = 3  # initializers must also be inputs, with their shapes
     m.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in m.graph.initializer)
-    result = normswap.convert(m, to="group", calibration=calib, inputs=held, progress=False)
+    result = normswap.convert(m, to="group", groups="auto", calibration=calib, inputs=held, progress=False)
     assert [layer.groups for layer in result.report.layers][0] != 16  # the fit changed G: shapes were updated
     assert result.report.validation.outputs[0].top1_agreement >= 0.97
     declared = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in result.model.graph.input}

@@ -80,7 +80,7 @@ def test_opset_upgrade_is_explicit():
 @pytest.mark.parametrize("target", ["group", "layer", "instance"])
 def test_fp16_inputs_stay_fp16(target):
     m, gamma, beta = _bn_model((2, 8, 4, 4), elem=TensorProto.FLOAT16)
-    r = normswap.convert(m, to=target, groups=2, validate=False)
+    r = normswap.convert(m, to=target, validate=False, **({"groups": 2} if target == "group" else {}))
     onnx.shape_inference.infer_shapes(r.model, check_type=True, strict_mode=True)
     x = np.random.default_rng(3).standard_normal((2, 8, 4, 4)).astype(np.float16)
     got = run(r.model, {"x": x})[0]
@@ -94,11 +94,13 @@ def test_groups_too_small_on_nc_input_are_enlarged_and_degenerate_sites_become_a
     m, _, _ = _bn_model((2, 64))
     r = normswap.convert(m, to="group", groups=32, validate=False)
     layer = r.report.layers[0]
-    assert layer.action == "converted" and layer.groups == 4 and "groups too small" in layer.reason
+    assert layer.action == "converted" and layer.groups == 4
+    assert "asked groups=32: 32 groups would hold fewer than" in layer.reason
     tiny, _, _ = _bn_model((2, 8))  # 8 values per sample: no group can be large enough
     r = normswap.convert(tiny, to="group", validate=True)
     layer = r.report.layers[0]
-    assert layer.action == "affine" and "discard the signal" in layer.reason and r.report.passed
+    assert layer.action == "affine" and "discard the signal" in layer.reason
+    assert r.report.passed is None and r.report.validation.outputs[0].cosine > 0.999999  # measured, no gate
 
 
 def test_instance_without_spatial_dims_is_reported_and_made_affine():
@@ -158,3 +160,19 @@ def test_bn_parameters_from_constant_nodes_are_replaced():
     x = rng.standard_normal((2, 8, 4, 4)).astype(np.float32)
     np.testing.assert_allclose(run(r.model, {"x": x})[0],
                                _expected(x, g.astype(np.float64), b.astype(np.float64), 4, 1e-5), atol=1e-4)
+
+
+def test_group_size_reason_quotes_what_was_asked():
+    m, _, _ = _bn_model((2, 64, 4, 4))
+    layer = normswap.convert(m, to="group", group_size=7, validate=False).report.layers[0]
+    assert layer.groups == 8 and "asked group_size=7: 64 channels are not a multiple of 7" in layer.reason
+    exact = normswap.convert(m, to="group", group_size=8, validate=False).report.layers[0]
+    assert exact.groups == 8 and "asked" not in exact.reason
+
+
+def test_one_channel_per_group_is_called_instance_norm():
+    m, _, _ = _bn_model((2, 16, 4, 4))
+    layer = normswap.convert(m, to="group", groups=32, validate=False).report.layers[0]
+    assert layer.groups == 16 and "one channel per group: InstanceNorm" in layer.reason
+    two = normswap.convert(m, to="group", groups=8, validate=False).report.layers[0]
+    assert two.groups == 8 and "InstanceNorm" not in two.reason

@@ -36,8 +36,9 @@ def test_calibration_and_distillation_keep_the_function(trained):
             norm.weight.fill_(1.0)
             norm.bias.zero_()
     copied = normswap.convert(net, to="group", example_inputs=calib, validate=False)
-    calibrated = normswap.convert(net, to="group", calibration=calib, validate=False)
-    distilled = normswap.convert(net, to="group", calibration=calib, distill_steps=150, validate=False)
+    calibrated = normswap.convert(net, to="group", groups="auto", calibration=calib, validate=False)
+    distilled = normswap.convert(net, to="group", groups="auto", calibration=calib, distill_steps=150,
+                                 validate=False)
     scores = [_agreement(net, r.model, held) for r in (opacus, copied, calibrated, distilled)]
     assert scores[0] < 0.6 and scores[1] < 0.6  # forgetting, without calibration
     assert scores[2] >= 0.97

@@ -274,3 +274,16 @@ def test_torch_nonfinite_bn_statistics_are_refused_unless_allowed():
     assert r.report.layers[0].action == "folded"
     fine = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4)).eval()
     assert normswap.convert(fine, to="fold", validate=False).report.layers[0].action == "folded"
+
+
+def test_torch_asked_groups_are_honoured_with_calibration_and_auto_may_choose_others():
+    data = torch.randn(32, 3, 6, 6)
+    asked = normswap.convert(_conv_bn(nn.BatchNorm2d(8)), to="group", groups=4, calibration=data, validate=False)
+    assert [layer.groups for layer in asked.report.layers] == [4]
+    assert asked.model[1].num_groups == 4 and asked.report.layers[0].calibrated
+    auto = normswap.convert(_conv_bn(nn.BatchNorm2d(8)), to="group", groups="auto", calibration=data,
+                            validate=False)
+    assert auto.report.layers[0].groups in (1, 2, 4, 8) and "chose" in auto.report.layers[0].reason
+    no_data = normswap.convert(_conv_bn(nn.BatchNorm2d(8)), to="group", groups="auto", example_inputs=X,
+                               validate=False)
+    assert any("groups='auto' chooses group counts by fit" in n for n in no_data.report.notes)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 
 from ...errors import option
-from ..._math import allowed_groups, choose_groups
+from ..._math import allowed_groups, choose_groups, one_channel_per_group_note
 from .base import FLOAT_TYPES, BnSite, Rewritten, Rule, Skip
 from .emit import Emitter, affine, from_float, group_normalize, instance_norm, to_float
 
@@ -70,6 +70,8 @@ def _match(kind: str):
                                         min_elements=opts.min_group_elements)
         if groups is None:
             return Skip(how)
+        if kind == "group":
+            how += one_channel_per_group_note(groups, site.channels)
         if kind == "instance" and groups != site.channels:
             return Skip(f"each channel holds only {spatial} values per sample "
                         f"(< {opts.min_group_elements}); instance-normalizing it would discard the signal")
