@@ -117,17 +117,25 @@ def _upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 def _shape_probe(reference: onnx.ModelProto | Path, calibration: Mapping[str, np.ndarray] | None,
                  input_shapes, seed: int, provider: str):
     """A function that runs the original model once to read concrete shapes of the named values."""
-    def probe(names: list[str]) -> dict[str, tuple[int, ...]]:
+    def probe(names: list[str], required: bool) -> dict[str, tuple[tuple[int, ...], int]]:
+        """Shapes and element types of ``names`` from one run; ``required=False``: {} when there is no data to
+        run on (symbolic input dims and no shapes given) instead of an error."""
         from .onnx.activations import Activations
         from .onnx.batching import fixed_layout, iter_layout
         from .validate.inputs import random_inputs
         from .validate.providers import select_providers
         model = reference if isinstance(reference, onnx.ModelProto) else _load(reference, copy=False)[0]
-        feeds = (next(iter_layout(calibration, fixed_layout(model, calibration, 2)))[0] if calibration
-                 else random_inputs(model, input_shapes, seed))
+        try:
+            feeds = (next(iter_layout(calibration, fixed_layout(model, calibration, 2)))[0] if calibration
+                     else random_inputs(model, input_shapes, seed))
+        except UsageError:
+            if required:
+                raise
+            return {}
         with tempfile.TemporaryDirectory(prefix="normswap-probe-") as workdir:
             run = Activations(model, names, select_providers(provider).providers, workdir, "reference")
-            return {k: tuple(v.shape) for k, v in run.run(feeds, names).items()}
+            return {k: (tuple(v.shape), onnx.helper.np_dtype_to_tensor_dtype(v.dtype))
+                    for k, v in run.run(feeds, names).items()}
     return probe
 
 
@@ -164,6 +172,10 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
     ``TorchConversionResult``."""
     _check_options(to, layer_over, atol, rtol, min_cosine, min_agreement, calibration_batch_size)
     groups, choose_groups = resolve_groups(to, groups, group_size)
+    gates = [option(n, v) for n, v in (("min_cosine", min_cosine), ("min_agreement", min_agreement)) if v is not None]
+    if gates and get_target(to).exact:
+        raise UsageError(f"{' and '.join(gates)} gate(s) non-exact targets; {option('to', to)} is exact and is "
+                         f"checked within {option('atol')} / {option('rtol')}: remove the gate")
     if distill_steps < 0:
         raise UsageError("distill_steps must not be negative")
     if calibration_memory < 0:
@@ -191,6 +203,9 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
     original, source, had_external = _load(model, copy=False)
     from .onnx.admission import admit
     admission = admit(original, original if isinstance(model, onnx.ModelProto) else Path(source))
+    from .validate.inputs import check_input_shapes, checked_inputs
+    check_input_shapes(original, input_shapes)  # every argument is checked before any work
+    inputs = checked_inputs(inputs, original) if validate else inputs
     calib = _calibration_data(calibration, original) if replacing and calibration is not None else None
     before = graph_count(original)
     if isinstance(model, onnx.ModelProto) or opset is not None:  # keep the caller's object / the original intact
@@ -203,7 +218,8 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
         converted, reference = original, Path(source)
     options = ReplaceOptions(groups=groups, group_size=group_size, layer_over=layer_over,
                              allow_nonfinite=allow_nonfinite)
-    probe = _shape_probe(reference, calib, input_shapes, seed, provider) if replacing else None
+    probe_data = calib if calib is not None else (inputs if isinstance(inputs, Mapping) else None)
+    probe = _shape_probe(reference, probe_data, input_shapes, seed, provider)
     conversion = convert_in_place(converted, to, keep_unfoldable, options, probe)
     notes = ([admission] if admission else []) + conversion.notes
     if choose_groups and calibration is None:

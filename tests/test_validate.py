@@ -241,3 +241,61 @@ def test_cli_warns_when_validation_cannot_tell_models_apart(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "warning: validation cannot tell the models apart on output 'y'" in r.stderr
+
+
+def test_a_negative_dim_value_is_a_dynamic_dimension():
+    m = conv_bn(np.random.default_rng(0))
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1  # paddle2onnx's dynamic batch
+    r = normswap.convert(m, to="group", groups=2, input_shapes={"x": (4, 4, 5, 5)})
+    assert r.report.validation.outputs[0].shape[0] == 4 and r.report.layers[0].groups == 2
+    assert normswap.convert(m, to="fold").report.passed  # generated with the default batch
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 3  # a positive value is fixed
+    with pytest.raises(UsageError, match="fixes it to 3"):
+        normswap.convert(m, to="fold", input_shapes={"x": (4, 4, 5, 5)})
+
+
+def test_scalar_boolean_and_integer_inputs_get_0d_arrays():
+    from tests.builders import init
+    m = conv_bn(np.random.default_rng(0))
+    m.graph.node[1].output[0] = "bn_out"
+    m.graph.input.extend([helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+                          helper.make_tensor_value_info("k", TensorProto.INT64, [])])
+    m.graph.node.extend([helper.make_node("Cast", ["flag"], ["flag_f"], to=TensorProto.FLOAT),
+                         helper.make_node("Cast", ["k"], ["k_f"], to=TensorProto.FLOAT),
+                         helper.make_node("Add", ["flag_f", "k_f"], ["s"]),
+                         helper.make_node("Add", ["s", "one"], ["s1"]),
+                         helper.make_node("Mul", ["bn_out", "s1"], ["y"])])
+    m.graph.initializer.append(init("one", np.ones((), np.float32)))
+    feeds = random_inputs(m)
+    assert isinstance(feeds["flag"], np.ndarray) and feeds["flag"].shape == () and feeds["k"].shape == ()
+    assert normswap.convert(m, to="fold").report.passed
+
+
+def test_inputs_are_checked_before_any_work(monkeypatch):
+    import normswap.onnx.calibrate as calibrate_module
+    m = conv_bn(np.random.default_rng(0))
+    x = np.random.default_rng(1).standard_normal((8, 4, 5, 5)).astype(np.float32)
+
+    def never(*args, **kwargs):
+        raise AssertionError("calibration ran before the inputs were checked")
+    monkeypatch.setattr(calibrate_module, "calibrate", never)
+    cases = [({"nope": x}, "has no array for input"), ({"x": x[:, :, :, 0]}, "rank 4"),
+             ({"x": x[:, :3]}, "has 3 at axis 1 but the model fixes it to 4")]
+    for inputs, message in cases:
+        with pytest.raises(UsageError, match=message):
+            normswap.convert(m, to="group", groups=2, calibration={"x": x}, inputs=inputs)
+    with pytest.raises(UsageError, match="unknown input"):
+        normswap.convert(m, to="group", groups=2, calibration={"x": x}, input_shapes={"y": (2, 4, 5, 5)})
+    with pytest.raises(UsageError, match="min_cosine=0.9 gate"):
+        normswap.convert(m, to="fold", min_cosine=0.9)
+    monkeypatch.undo()
+    assert normswap.convert(m, to="group", groups=2, calibration={"x": x}, inputs={"x": x}).report.calibration
+
+
+def test_arrays_with_different_sample_counts_are_refused():
+    from normswap.validate.inputs import check_feeds
+    m = conv_bn(np.random.default_rng(0))
+    m.graph.input.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [None, 2]))
+    with pytest.raises(UsageError, match="different numbers of samples"):
+        check_feeds({"x": np.zeros((3, 4, 5, 5), np.float32), "z": np.zeros((2, 2), np.float32)}, m, "data")
+    assert len(check_feeds({"x": np.zeros((3, 4, 5, 5), np.float32), "z": np.zeros((3, 2), np.float32)}, m, "d")) == 2

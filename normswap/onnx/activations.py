@@ -1,7 +1,6 @@
 """Reading intermediate values of a model in ONNX Runtime, batch by batch."""
 from __future__ import annotations
 
-from ..errors import option
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,12 +76,11 @@ class Activations:
                 values = self._run_bound(feeds, wanted)
             else:
                 values = self.session.run(wanted, {k: v for k, v in feeds.items() if k in self.feed_names})
-        except Exception as e:
-            from ..errors import InvalidModelError
+        except Exception as e:  # the data was checked against the declared inputs before: do not blame it
+            from ..errors import UnsupportedError
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise InvalidModelError(f"onnxruntime failed to run the {self.label} model: {message}; check that the "
-                                    f"data ({option('inputs')} / {option('calibration')} / {option('input_shapes')}) "
-                                    "fits the model's inputs") from None
+            raise UnsupportedError(f"onnxruntime failed to run the {self.label} model on data that matches its "
+                                   f"declared inputs: {message}") from None
         out = dict(zip(wanted, values))
         out.update({n: host_array(feeds[n]) for n in names if n in self.inputs})
         return out

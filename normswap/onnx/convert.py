@@ -19,7 +19,7 @@ from .io import opset_of
 from .rules import (AFFINE_RULE, FOLD_RULES, GROUP_RULE, INSTANCE_RULE, LAYER_CHANNELS_RULE, LAYER_RULE,
                     WEIGHT_RULES, BnSite, Rule, Skip, read_bn_site)
 from .rules.base import site_name
-from .types import infer_value_types
+from .types import ValueType, infer_value_types
 from .walk import subgraphs_of
 
 BN = "BatchNormalization"
@@ -159,16 +159,18 @@ def _convert_graph(g: GraphIndex, converter: _SiteConverter) -> None:
             sub_index.commit()
 
 
-ShapeProbe = Callable[[list[str]], dict[str, tuple[int, ...]]]
+ShapeProbe = Callable[[list[str], bool], dict[str, tuple[tuple[int, ...], int]]]
 
 
-def _unresolved_bn_inputs(model: onnx.ModelProto, types: dict) -> list[str]:
-    """Main-graph BN inputs whose non-batch dims shape inference left symbolic."""
+def _unresolved_bn_inputs(model: onnx.ModelProto, types: dict, need_sizes: bool) -> list[str]:
+    """Main-graph BN inputs whose rank (or, with ``need_sizes``, whose non-batch dims) shape inference did not
+    find."""
     names = []
     for node in model.graph.node:
         if node.op_type == BN and node.input:
             vt = types.get(node.input[0])
-            if vt is None or vt.dims is None or not all(isinstance(d, int) and d > 0 for d in vt.dims[1:]):
+            if vt is None or vt.dims is None or vt.elem_type == 0 or (
+                    need_sizes and not all(isinstance(d, int) and d > 0 for d in vt.dims[1:])):
                 names.append(node.input[0])
     return names
 
@@ -177,8 +179,8 @@ def convert_in_place(model: onnx.ModelProto, target: str, keep_unfoldable: bool 
                      options: ReplaceOptions = DEFAULT_REPLACE_OPTIONS, shape_probe: ShapeProbe | None = None
                      ) -> Conversion:
     """Rewrite every BatchNormalization of ``model`` (edited in place) for ``target``. ``shape_probe`` runs the
-    model to find concrete shapes of BN inputs that shape inference leaves symbolic (replacement targets need
-    their spatial size to choose groups)."""
+    model once to learn the element type and shape of BN inputs shape inference could not reach (every rule
+    needs their rank; replacement targets also need their spatial size to choose groups)."""
     types, note = infer_value_types(model)
     out = Conversion(notes=[note] if note else [])
     names = NameRegistry(model)
@@ -189,9 +191,19 @@ def convert_in_place(model: onnx.ModelProto, target: str, keep_unfoldable: bool 
                          f"were renamed: {shown}")
     root = GraphIndex(model.graph, ir_version=model.ir_version, opset=opset_of(model), types=types, names=names)
     if shape_probe is not None:
-        unresolved = _unresolved_bn_inputs(model, types)
+        replacing = target in ("group", "layer", "instance")
+        unresolved = _unresolved_bn_inputs(model, types, need_sizes=replacing)
         if unresolved:
-            root.observed_shapes.update(shape_probe(unresolved))
+            seen = shape_probe(unresolved, replacing)
+            for name, (shape, elem_type) in seen.items():
+                root.observed_shapes[name] = shape
+                known = types.get(name)
+                if known is None or known.dims is None or known.elem_type == 0:
+                    types.set(name, ValueType(elem_type, (None,) + tuple(shape[1:])))
+            if not replacing and len(seen) < len(unresolved):
+                out.notes.append("the model was not run to learn the rank of BN inputs shape inference could not "
+                                 f"reach (no data to run it on); pass {option('input_shapes')} or "
+                                 f"{option('inputs')} to let normswap run it")
     _convert_graph(root, _SiteConverter(target, keep_unfoldable, options, out))
     root.commit()
     return out

@@ -38,7 +38,7 @@ def _from_value_info(vi: onnx.ValueInfoProto) -> ValueType | None:
         return ValueType(tt.elem_type, None)
     dims: list[int | str | None] = []
     for d in tt.shape.dim:
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value > 0:  # -1 / 0: dynamic (paddle2onnx writes -1)
             dims.append(d.dim_value)
         elif d.HasField("dim_param"):
             dims.append(d.dim_param)
@@ -66,6 +66,11 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
             g.node.append(node)
     g.output.extend(src.output)
     g.value_info.extend(src.value_info)
+    for section in (g.input, g.output, g.value_info):  # a non-positive dim_value is a dynamic dimension
+        for vi in section:
+            for k, d in enumerate(vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else ()):
+                if d.HasField("dim_value") and d.dim_value <= 0:
+                    d.dim_param = f"normswap_dynamic_{vi.name}_{k}"
     input_names = {i.name for i in src.input}
     for t in src.initializer:
         if t.data_type in _SHAPE_TYPES and t.data_location != onnx.TensorProto.EXTERNAL and \

@@ -39,6 +39,12 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name, shape
 
 
+def fixed_dim(d: onnx.TensorShapeProto.Dimension) -> bool:
+    """A dimension the model fixes: a positive ``dim_value``. A ``dim_param``, no value, or a non-positive value
+    (paddle2onnx writes -1 for a dynamic batch) is free."""
+    return d.HasField("dim_value") and d.dim_value > 0
+
+
 def _shape_for(vi: onnx.ValueInfoProto, given: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
     dims = vi.type.tensor_type.shape.dim
     if vi.name in given:
@@ -47,13 +53,13 @@ def _shape_for(vi: onnx.ValueInfoProto, given: Mapping[str, tuple[int, ...]]) ->
             raise UsageError(f"{option('input_shapes')} for '{vi.name}' has {len(shape)} dims but the input has "
                              f"{len(dims)}")
         for k, (d, s) in enumerate(zip(dims, shape)):
-            if d.HasField("dim_value") and d.dim_value != s:
+            if fixed_dim(d) and d.dim_value != s:
                 raise UsageError(f"{option('input_shapes')} for '{vi.name}' sets axis {k} to {s} but the model "
                                  f"fixes it to {d.dim_value}")
         return shape
     shape = []
     for k, d in enumerate(dims):
-        if d.HasField("dim_value"):
+        if fixed_dim(d):
             shape.append(d.dim_value)
         elif k == 0:
             shape.append(DEFAULT_BATCH)
@@ -81,16 +87,46 @@ def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] 
         elem = vi.type.tensor_type.elem_type
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
         shape = _shape_for(vi, given)
-        if dtype.kind == "f" or dtype.name == "bfloat16":
-            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+        if dtype.kind == "f" or dtype.name == "bfloat16":  # np.asarray: a 0-d input gets a 0-d array, not a scalar
+            feeds[vi.name] = np.asarray(rng.standard_normal(shape), dtype=dtype)
         elif dtype.kind in "iu":
-            feeds[vi.name] = rng.integers(0, 8, size=shape).astype(dtype)
+            feeds[vi.name] = np.asarray(rng.integers(0, 8, size=shape), dtype=dtype)
         elif dtype.kind == "b":
-            feeds[vi.name] = rng.random(shape) < 0.5
+            feeds[vi.name] = np.asarray(rng.random(shape) < 0.5)
         else:
             raise UsageError(f"cannot generate data for input '{vi.name}' of type {dtype}; pass {option('inputs')} "
                              "data")
     return feeds
+
+
+class CheckedFeeds(dict):
+    """Arrays already matched against a model's inputs (``check_feeds``), with where they came from."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], source: str) -> None:
+        super().__init__(arrays)
+        self.source = source
+
+
+def checked_inputs(inputs, model: onnx.ModelProto):
+    """``--inputs`` read and checked against the model before any work (names, dtypes, ranks, fixed dims,
+    sample counts): a wrong key is found at once, not after calibration. None stays None."""
+    if inputs is None or isinstance(inputs, CheckedFeeds):
+        return inputs
+    if isinstance(inputs, Mapping):
+        return CheckedFeeds(check_feeds(inputs, model, "the inputs mapping"), "given arrays")
+    return CheckedFeeds(load_npz_inputs(inputs, model), str(inputs))
+
+
+def check_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None) -> None:
+    """``--input-shape`` names real inputs, with their rank and the dims the model fixes."""
+    given = dict(shapes or {})
+    inputs = {i.name: i for i in model_inputs(model)}
+    unknown = set(given) - set(inputs)
+    if unknown:
+        raise UsageError(f"{option('input_shapes')} names unknown input(s) {sorted(unknown)}; the model's inputs are "
+                         f"{list(inputs)}")
+    for name in given:
+        _shape_for(inputs[name], given)
 
 
 def load_npz_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -128,9 +164,30 @@ def check_feeds(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, source
         if a.ndim and a.shape[0] == 0:
             raise InvalidModelError(f"array '{vi.name}' in {source} holds no samples (its first dimension is 0); "
                                     "give at least one")
+        _check_shape(vi, a, source)
         if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
             bad = int(a.size - np.count_nonzero(np.isfinite(a)))
             raise InvalidModelError(f"array '{vi.name}' in {source} holds {bad} NaN or infinite value(s) of "
                                     f"{a.size}; nothing can be calibrated or validated on them -- clean the data")
         feeds[vi.name] = a
+    counts = {name: a.shape[0] for name, a in feeds.items() if a.ndim}
+    if len(set(counts.values())) > 1:
+        raise UsageError(f"the arrays in {source} hold different numbers of samples {counts}; give every input the "
+                         "same number (axis 0)")
     return feeds
+
+
+def _check_shape(vi: onnx.ValueInfoProto, a: np.ndarray, source: str) -> None:
+    """The array's rank and every dimension the model fixes, except the batch (axis 0: a model that fixes it is
+    fed its own batch size, the last run padded)."""
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return
+    dims = tt.shape.dim
+    if a.ndim != len(dims):
+        raise UsageError(f"array '{vi.name}' in {source} has shape {a.shape} (rank {a.ndim}) but the input has rank "
+                         f"{len(dims)}; give arrays shaped like the model's input")
+    for k, d in enumerate(dims):
+        if k and fixed_dim(d) and a.shape[k] != d.dim_value:
+            raise UsageError(f"array '{vi.name}' in {source} has {a.shape[k]} at axis {k} but the model fixes it to "
+                             f"{d.dim_value} (shape {a.shape})")

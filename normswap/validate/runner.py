@@ -16,7 +16,7 @@ import onnx
 from ..errors import InvalidModelError, UnsupportedError
 from ..report import ValidationReport
 from .compare import DEFAULT_ATOL, DEFAULT_RTOL, OutputStats
-from .inputs import check_feeds, load_npz_inputs, random_inputs
+from .inputs import CheckedFeeds, check_feeds, load_npz_inputs, random_inputs
 from .providers import ORT_SILENT, check_ran, select_providers
 
 OPTIMIZATION = "ORT_DISABLE_ALL"
@@ -57,6 +57,8 @@ def make_feeds(model: onnx.ModelProto, inputs: str | os.PathLike | Mapping[str, 
     """Feeds and a description of where they came from."""
     if inputs is None:
         return random_inputs(model, input_shapes, seed), f"random (seed {seed})"
+    if isinstance(inputs, CheckedFeeds):
+        return dict(inputs), inputs.source
     if isinstance(inputs, Mapping):
         return check_feeds(inputs, model, "the inputs mapping"), "given arrays"
     return load_npz_inputs(inputs, model), str(inputs)

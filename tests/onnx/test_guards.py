@@ -315,3 +315,31 @@ def test_duplicate_node_names_are_made_unique_and_reported():
     unique = normswap.convert(model([helper.make_node("Relu", ["x"], ["a"], name="r1"), bn_node("a", "y", names)],
                                     [vi("x", [2, 4, 3, 3])], [out("y", 4)], params), to="affine", validate=False)
     assert not any("renamed" in note for note in unique.report.notes)  # the negative case: nothing to report
+
+
+def _bn_after_a_contrib_op(input_dims):
+    """Conv -> com.microsoft Gelu -> BN: onnx shape inference does not know the contrib domain, so the BN's input
+    rank is unknown until the model runs."""
+    rng = np.random.default_rng(30)
+    names, params = bn_params(6, rng)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Gelu", ["c"], ["g"], name="gelu", domain="com.microsoft"),
+             bn_node("g", "y", names)]
+    m = model(nodes, [vi("x", input_dims)], [out("y", 4)],
+              [init("W", rng.standard_normal((6, 4, 3, 3)).astype(np.float32))] + params)
+    m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return m
+
+
+def test_bn_inputs_shape_inference_cannot_reach_are_learned_by_running_the_model():
+    r = normswap.convert(_bn_after_a_contrib_op([2, 4, 5, 5]), to="fold")
+    assert r.report.layers[0].action == "affine" and r.report.passed  # the run gave its rank
+    g = normswap.convert(_bn_after_a_contrib_op([2, 4, 5, 5]), to="group", groups=3)
+    assert g.report.layers[0].action == "converted" and g.report.layers[0].groups == 3
+    given = normswap.convert(_bn_after_a_contrib_op([2, 4, "H", "W"]), to="fold",
+                             input_shapes={"x": (2, 4, 5, 5)})
+    assert given.report.layers[0].action == "affine"
+    unknown = normswap.convert(_bn_after_a_contrib_op([2, 4, "H", "W"]), to="fold", validate=False)
+    assert unknown.report.layers[0].action == "kept" and "rank of its input is unknown" in \
+        unknown.report.layers[0].reason
+    assert any("was not run to learn the rank" in n for n in unknown.report.notes)
