@@ -245,7 +245,9 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
             report.function_preserved = False
             notes.append("function NOT preserved: without calibration data the new layers use the BN's gamma and "
                          f"beta; pass {option('calibration')} data (a few hundred unlabeled samples)")
-    if validate:
+    if not conversion.records:
+        notes.append("nothing to convert: the model has no BatchNormalization (it was not validated)")
+    elif validate:
         main_norms = tuple(n.y for n in conversion.new_norms if n.graph == "main")
         report.validation = validate_models_checked(
             reference, converted, provider, inputs, input_shapes, atol, rtol, seed,

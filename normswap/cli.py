@@ -181,6 +181,18 @@ def _print_validation(v: ValidationReport) -> None:
         click.echo(f"warning: validation cannot tell the models apart on {caution}", err=True)
 
 
+def _size_change(source: Path, written: list[Path]) -> str | None:
+    """Said when the written model is much larger than its input (e.g. weights a Caffe2 export computed with
+    ConstantFill at run time are stored once folded)."""
+    from .paths import external_files
+    before = sum(p.stat().st_size for p in [source, *external_files(source)] if p.exists())
+    after = sum(p.stat().st_size for p in written if p.exists())
+    if after <= 4 * before or after - before < 10 * (1 << 20):
+        return None
+    return (f"the written model is {after / max(before, 1):.0f}x the size of the input ({_bytes(before)} -> "
+            f"{_bytes(after)}): weights the input computed at run time (ConstantFill, Expand...) are now stored")
+
+
 def _cut(text: str, width: int) -> str:
     """Fit ``text`` in ``width`` columns, keeping its end (generated names differ at the end)."""
     return text if len(text) <= width else "…" + text[-(width - 1):]
@@ -416,14 +428,24 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
                                progress=progress)
     report = result.report
     quiet = report_path == "-"
+    if not report.layers:  # nothing to do: no file is written, and that is a success
+        if not quiet:
+            click.echo(f"nothing to convert: {source} has no BatchNormalization; nothing written")
+        _write_report(report, report_path)
+        return
     if not quiet:
         _print_conversion(report)
     failed = report.passed is False
     if not failed or keep_invalid:
         with _progress(quiet) as progress:
             written = result.save(out, keep_invalid=keep_invalid, progress=progress)
+        growth = _size_change(source, written)
+        if growth:
+            report.notes.append(growth)
         if not quiet:
             click.echo(f"wrote {', '.join(str(p) for p in written)}")
+            if growth:
+                click.echo(f"note: {growth}")
     elif not quiet:
         click.echo("validation failed: nothing written (pass --keep-invalid to write it anyway)", err=True)
     _write_report(report, report_path)
@@ -485,6 +507,11 @@ def _convert_torch(spec, weights, export_onnx, distill_steps, target, output, ke
                                atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement,
                                progress=progress)
     report = result.report
+    if not report.layers:
+        if report_path != "-":
+            click.echo(f"nothing to convert: {spec} has no BatchNorm layer; nothing written")
+        _write_report(report, report_path)
+        return
     if report_path != "-":
         _print_conversion(report)
         if report.deployable is not None:

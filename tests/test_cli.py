@@ -325,3 +325,30 @@ def test_groups_as_asked_are_summarized_and_an_ungated_fidelity_check_is_measure
 def test_conflicting_or_ignored_group_options_exit_2_quoting_what_was_typed(model_path, tmp_path, args, message):
     r = cli("convert", model_path, *args, "-o", tmp_path / "never.onnx")
     assert r.returncode == 2 and message in r.stderr and not (tmp_path / "never.onnx").exists()
+
+
+def test_a_model_without_batchnorm_is_nothing_to_convert_and_nothing_is_written(tmp_path):
+    from onnx import helper
+    from tests.builders import model, out, vi
+    p = tmp_path / "relu.onnx"
+    onnx.save_model(model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [2, 3])], [out("y", 2)]), str(p))
+    r = cli("convert", p, "--to", "fold", "--report", tmp_path / "r.json")
+    assert r.returncode == 0 and "nothing to convert" in r.stdout
+    assert not (tmp_path / "relu.fold.onnx").exists()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["layers"] == [] and any("nothing to convert" in n for n in report["notes"])
+
+
+def test_a_conversion_that_grows_the_model_a_lot_says_so(tmp_path):
+    """A Caffe2-era 'light' model computes its weights with ConstantFill: folding stores them."""
+    import onnx.backend.test
+    light = Path(onnx.backend.test.__file__).parent / "data" / "light" / "light_resnet50.onnx"
+    if not light.exists():
+        pytest.skip("this onnx build ships no light models")
+    shutil.copy(light, tmp_path / "light.onnx")
+    r = cli("convert", tmp_path / "light.onnx", "--to", "fold", "--no-validate", "--report", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    assert "note: the written model is" in r.stdout and "x the size of the input" in r.stdout
+    assert any("the written model is" in n for n in json.loads((tmp_path / "r.json").read_text())["notes"])
+    small = cli("convert", tmp_path / "light.onnx", "--to", "affine", "--no-validate", "-o", tmp_path / "a.onnx")
+    assert small.returncode == 0 and "the written model is" not in small.stdout

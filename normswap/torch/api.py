@@ -107,7 +107,9 @@ def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibr
                          "beta; pass calibration data (a few hundred unlabeled samples)")
     elif calibration is not None and to not in REPLACEMENT_TARGETS:
         notes.append(f"calibration data ignored: {option('to', to)} is exact and has nothing to fit")
-    if validate:
+    if not converter.records:
+        notes.append("nothing to convert: the module has no BatchNorm layer (it was not validated)")
+    elif validate:
         from .validate import validate_modules
         held = as_args(inputs) if inputs is not None else example
         if held is None:

@@ -47,6 +47,11 @@ def fixed_dim(d: onnx.TensorShapeProto.Dimension) -> bool:
 
 def _shape_for(vi: onnx.ValueInfoProto, given: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
     dims = vi.type.tensor_type.shape.dim
+    if vi.name not in given and not vi.type.tensor_type.HasField("shape"):
+        raise UsageError(f"input '{vi.name}' declares no shape (not even its rank); pass {_shape_hint(vi.name)} or "
+                         f"{option('inputs')} data")
+    if vi.name in given and not vi.type.tensor_type.HasField("shape"):
+        return tuple(given[vi.name])
     if vi.name in given:
         shape = tuple(given[vi.name])
         if len(shape) != len(dims):

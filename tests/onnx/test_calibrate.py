@@ -283,3 +283,23 @@ def test_an_ir3_model_listing_initializers_as_inputs_calibrates_when_g_changes(d
     declared = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in result.model.graph.input}
     for t in result.model.graph.initializer:
         assert declared[t.name] == list(t.dims), t.name
+
+
+def test_a_caffe2_light_model_with_initializers_among_its_inputs_calibrates():
+    """onnx's Caffe2-era 'light' models (IR 3: every initializer is also a graph input, *_SHAPE and dummy
+    tensors among them) calibrate: the segment models keep what the graph needs."""
+    import onnx.backend.test
+    light = Path(onnx.backend.test.__file__).parent / "data" / "light" / "light_shufflenet.onnx"
+    if not light.exists():
+        pytest.skip("this onnx build ships no light models")
+    m = onnx.load(str(light))
+    name = normswap_inputs(m)[0]
+    data = {name: np.random.default_rng(0).standard_normal((4, 3, 224, 224)).astype(np.float32)}
+    r = normswap.convert(m, to="group", groups="auto", calibration=data, inputs=data, progress=False)
+    assert r.report.count("converted") == 49 and r.report.calibration.segments > 1
+    assert r.report.validation.outputs[0].cosine > 0.99
+
+
+def normswap_inputs(m):
+    from normswap.validate.inputs import model_inputs
+    return [i.name for i in model_inputs(m)]
