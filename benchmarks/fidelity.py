@@ -148,9 +148,10 @@ def run(out: Path) -> None:
                         (segmented.report.validation.outputs[0].top1_agreement,
                          reference_agreement(path, target, options, choose, calib, held)))
                 for label, kwargs, calibrated, reset in TORCH_CONFIGS:
-                    result = normswap.convert(net, to="group", groups=32, validate=False,
+                    result = normswap.convert(net, to="group", validate=False,
                                               calibration=torch.from_numpy(calib["x"].copy()) if calibrated else None,
-                                              example_inputs=torch.from_numpy(calib["x"][:8].copy()), **kwargs)
+                                              example_inputs=torch.from_numpy(calib["x"][:8].copy()),
+                                              **{"groups": 32, **kwargs})
                     if reset:
                         for layer in result.report.layers:
                             norm = result.model.get_submodule(layer.name)

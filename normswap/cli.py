@@ -171,10 +171,12 @@ def _print_validation(v: ValidationReport) -> None:
         gates += [f"top-1 agreement >= {v.min_agreement:g}"] if v.min_agreement is not None else []
         rule = "fidelity" + (f", gate: {' and '.join(gates)}" if gates else ", no gate")
     click.echo(f"validation ({rule}) on {', '.join(v.providers)}; inputs: {v.inputs}")
-    click.echo(f"  {'output':<24} {'max_abs':>10} {'max_rel':>10} {'mean_abs':>10} {'cosine':>10} {'top1':>6}  result")
+    header = ["  output", f"{'max_abs':>10}", f"{'max_rel':>10}", f"{'mean_abs':>10}", f"{'cosine':>10}", f"{'top1':>6}",
+              "result"]
+    _table([[f"  {o.name}", f"{_fmt(o.max_abs):>10}", f"{_fmt(o.max_rel):>10}", f"{_fmt(o.mean_abs):>10}",
+             f"{_fmt(o.cosine, '.6f'):>10}", f"{_fmt(o.top1_agreement, '.2f'):>6}", _verdict(o.passed)]
+            for o in v.outputs], header)
     for o in v.outputs:
-        click.echo(f"  {o.name[:24]:<24} {_fmt(o.max_abs):>10} {_fmt(o.max_rel):>10} {_fmt(o.mean_abs):>10} "
-                   f"{_fmt(o.cosine, '.6f'):>10} {_fmt(o.top1_agreement, '.2f'):>6}  {_verdict(o.passed)}")
         if o.problem:
             click.echo(f"  {o.name}: {o.problem}")
     for caution in v.cautions:
@@ -193,17 +195,25 @@ def _size_change(source: Path, written: list[Path]) -> str | None:
             f"{_bytes(after)}): weights the input computed at run time (ConstantFill, Expand...) are now stored")
 
 
-def _cut(text: str, width: int) -> str:
-    """Fit ``text`` in ``width`` columns, keeping its end (generated names differ at the end)."""
-    return text if len(text) <= width else "…" + text[-(width - 1):]
+def _totals(sites: list[dict]) -> list[str]:
+    """'by action: folded 50, affine 3' and one line per reason kind (names in quotes made generic), most first."""
+    import re
+    from collections import Counter
+    if not sites:
+        return []
+    actions = Counter(s["action_under_fold"] for s in sites)
+    reasons = Counter(re.sub(r"'[^']*'", "'…'", s["reason"]) for s in sites if s["action_under_fold"] != "folded")
+    lines = ["by action: " + ", ".join(f"{a} {n}" for a, n in actions.most_common())]
+    lines += [f"  {n} x {reason}" for reason, n in reasons.most_common()]
+    return lines
 
 
-def _table(rows: list[list[str]], header: list[str]) -> None:
-    """Left-aligned columns sized to their content (capped at 40); the last column is never cut."""
-    widths = [min(40, max(len(h), *(len(r[k]) for r in rows))) if rows else len(h) for k, h in enumerate(header)]
-    widths[-1] = 0
-    for row in [header] + rows:
-        click.echo("  ".join(_cut(c, w).ljust(w) if w else c for c, w in zip(row, widths)).rstrip())
+def _table(rows: list[list[str]], header: list[str], name_columns: tuple[int, ...] = (0,)) -> None:
+    """Left-aligned columns; on a terminal, fitted to its width (names shortened in the middle, the reason cut at
+    the edge; the JSON report keeps them whole)."""
+    from .terminal import fit_table, terminal_width
+    for line in fit_table(rows, header, terminal_width(), name_columns):
+        click.echo(line)
 
 
 def _group_counts(r: ConversionReport) -> str:
@@ -219,7 +229,7 @@ def _print_conversion(r: ConversionReport) -> None:
     if r.exact:
         _table([[layer.name, layer.action, _fmt(layer.channels, "d"),
                  f"{layer.producer_op or '-'} {layer.producer or ''}".strip(), layer.reason] for layer in r.layers],
-               ["layer", "action", "C", "producer", "reason"])
+               ["layer", "action", "C", "producer", "reason"], name_columns=(0, 3))
     else:
         _table([[layer.name, layer.action, _fmt(layer.channels, "d"), _fmt(layer.groups, "d"),
                  "yes" if layer.calibrated else "no", _fmt(layer.drift_cosine, ".4f"), layer.reason]
@@ -313,7 +323,11 @@ def _model_source(model: str | None, torch_model: str | None) -> None:
         raise UsageError("pass either an ONNX MODEL or --torch-model PACKAGE.MODULE:FACTORY")
 
 
-@main.command()
+@main.command(epilog="""\b
+Examples:
+  normswap inspect model.onnx
+  normswap inspect model.onnx --json > sites.json
+  normswap inspect --torch-model torchvision.models:resnet18""")
 @click.argument("model", type=click.Path(dir_okay=False), required=False)
 @_torch_options
 @click.option("--json", "as_json", is_flag=True, help="Print the sites as JSON.")
@@ -339,11 +353,19 @@ def inspect(model: str | None, torch_model: str | None, weights: str | None, as_
     click.echo(f"{report.source}: opset {report.opset}, IR version {report.ir_version}")
     _table([[s["name"], s["op"], _fmt(s["channels"], "d"), f"{s['producer_op'] or '-'} {s['producer'] or ''}".strip(),
              s["action_under_fold"], s["reason"]] for s in report.sites],
-           ["layer", "op", "C", "producer", "under --to fold", "reason"])
+           ["layer", "op", "C", "producer", "under --to fold", "reason"], name_columns=(0, 3))
     click.echo(f"{len(report.sites)} normalization site(s), {sum(s['foldable'] for s in report.sites)} foldable")
+    for line in _totals(report.sites):
+        click.echo(line)
 
 
-@main.command()
+@main.command(epilog="""\b
+Examples:
+  normswap convert model.onnx --to fold
+  normswap convert model.onnx --to group --groups 32 --calibrate unlabeled.npz --inputs heldout.npz \\
+      --min-agreement 0.99 --report report.json
+  normswap convert --torch-model torchvision.models:resnet18 --weights r18.safetensors --to group \\
+      --groups auto --calibrate unlabeled.npz""")
 @click.argument("model", type=click.Path(dir_okay=False), required=False)
 @_torch_options
 @click.option("--export-onnx", type=click.Path(dir_okay=False), default=None,
@@ -531,7 +553,11 @@ def _convert_torch(spec, weights, export_onnx, distill_steps, target, output, ke
         sys.exit(EXIT_VALIDATION_FAILED)
 
 
-@main.command()
+@main.command(epilog="""\b
+Examples:
+  normswap validate model.onnx model.fold.onnx
+  normswap validate model.onnx model.group.onnx --check fidelity --inputs heldout.npz --min-cosine 0.99
+  normswap validate model.onnx model.fold.onnx --input-shape x:1,3,224,224 --report -""")
 @click.argument("reference", type=click.Path(dir_okay=False))
 @click.argument("candidate", type=click.Path(dir_okay=False))
 @click.option("--check", type=click.Choice(["exact", "fidelity"]), default="exact", show_default=True,

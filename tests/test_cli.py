@@ -352,3 +352,17 @@ def test_a_conversion_that_grows_the_model_a_lot_says_so(tmp_path):
     assert any("the written model is" in n for n in json.loads((tmp_path / "r.json").read_text())["notes"])
     small = cli("convert", tmp_path / "light.onnx", "--to", "affine", "--no-validate", "-o", tmp_path / "a.onnx")
     assert small.returncode == 0 and "the written model is" not in small.stdout
+
+
+def test_inspect_ends_with_totals_by_action_and_by_reason(tmp_path):
+    from onnx import helper
+    from tests.builders import bn_node, bn_params, model, out, vi
+    names, params = bn_params(6, np.random.default_rng(0))
+    nodes = [helper.make_node("Concat", ["a", "b"], ["c"], axis=1, name="cat"), bn_node("c", "y", names)]
+    p = tmp_path / "cat.onnx"
+    onnx.save_model(model(nodes, [vi("a", [2, 2, 4, 4]), vi("b", [2, 4, 4, 4])], [out("y", 4)], params), str(p))
+    r = cli("inspect", p)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[-2] == "by action: affine 1"
+    assert lines[-1].startswith("  1 x not foldable: its input is produced by Concat '…'")
