@@ -1,8 +1,8 @@
 """normswap: rewrite the BatchNorm layers of trained networks -- fold, affine -- and validate the result.
 
-Public API: ``inspect``, ``convert``, ``validate``, the report types and the errors.
+Public API: ``inspect``, ``convert``, ``validate``, ``restore`` (PyTorch), the report types and the errors.
 """
-from .api import ConversionResult, convert, inspect, validate
+from .api import ConversionResult, convert, inspect, restore, validate
 from .errors import (InvalidModelError, NormswapError, OutputError, UnsupportedError, UsageError,
                      ValidationFailedError)
 from .report import ConversionReport, InspectReport, LayerRecord, OutputComparison, ValidationReport
@@ -13,5 +13,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ConversionReport", "ConversionResult", "InspectReport", "InvalidModelError", "LayerRecord", "NormswapError",
     "OutputComparison", "OutputError", "TARGETS", "Target", "UnsupportedError", "UsageError",
-    "ValidationFailedError", "ValidationReport", "convert", "inspect", "validate",
+    "ValidationFailedError", "ValidationReport", "convert", "inspect", "restore", "validate",
 ]

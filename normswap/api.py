@@ -29,9 +29,21 @@ Progress = Callable[[int, int, str], None]
 CALIBRATION_BATCH = 64
 
 
+def _graphsurgeon_graph(model) -> bool:
+    """True for an ``onnx_graphsurgeon.Graph``, without importing onnx-graphsurgeon when the caller has not."""
+    gs = sys.modules.get("onnx_graphsurgeon")
+    return gs is not None and isinstance(model, gs.Graph)
+
+
 def _load(model: ModelLike, copy: bool) -> tuple[onnx.ModelProto, str, bool]:
-    """(model we may edit, description of the source, whether it had external data)."""
+    """(model we may edit, description of the source, whether it had external data). An onnx-graphsurgeon
+    Graph is exported to a ModelProto of its own (its IR version and opsets kept)."""
     from .onnx.io import load_model
+    if _graphsurgeon_graph(model):
+        from .onnx.structure import check_structure
+        exported = sys.modules["onnx_graphsurgeon"].export_onnx(model)
+        check_structure(exported)
+        return exported, "<onnx_graphsurgeon.Graph>", False
     if isinstance(model, onnx.ModelProto):
         from .onnx.structure import check_structure
         check_structure(model)
@@ -54,6 +66,7 @@ class ConversionResult:
     model: onnx.ModelProto
     report: ConversionReport
     had_external_data: bool = False
+    graph: object | None = None  # the converted model as an onnx_graphsurgeon.Graph, when one was given
 
     def save(self, path: str | os.PathLike, *, keep_invalid: bool = False, external_data: bool | None = None,
              progress: Progress | None = None) -> list[Path]:
@@ -202,13 +215,14 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
     replacing = to in REPLACEMENT_TARGETS
     original, source, had_external = _load(model, copy=False)
     from .onnx.admission import admit
-    admission = admit(original, original if isinstance(model, onnx.ModelProto) else Path(source))
+    in_memory = isinstance(model, onnx.ModelProto) or _graphsurgeon_graph(model)
+    admission = admit(original, original if in_memory else Path(source))
     from .validate.inputs import check_input_shapes, checked_inputs
     check_input_shapes(original, input_shapes)  # every argument is checked before any work
     inputs = checked_inputs(inputs, original) if validate else inputs
     calib = _calibration_data(calibration, original) if replacing and calibration is not None else None
     before = graph_count(original)
-    if isinstance(model, onnx.ModelProto) or opset is not None:  # keep the caller's object / the original intact
+    if in_memory or opset is not None:  # keep the caller's object / the original intact
         reference: onnx.ModelProto | Path = original
         converted = _upgrade_opset(original, opset) if opset is not None else original
         if converted is original:
@@ -258,7 +272,10 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
         if not target.exact and inputs is None:
             notes.append("fidelity was measured on random inputs, which a trained network may never see; pass "
                          f"held-out samples ({option('inputs')} data) for a meaningful measure")
-    return ConversionResult(converted, report, had_external)
+    result = ConversionResult(converted, report, had_external)
+    if _graphsurgeon_graph(model):
+        result.graph = sys.modules["onnx_graphsurgeon"].import_onnx(converted)
+    return result
 
 
 def _calibration_data(calibration: Inputs, model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -309,7 +326,8 @@ def inspect(model) -> InspectReport:
     from .onnx.admission import checker_problem, runtime_problem
     problem = checker_problem(scratch)
     if problem:
-        refused = runtime_problem(scratch if isinstance(model, onnx.ModelProto) else Path(source))
+        refused = runtime_problem(scratch if isinstance(model, onnx.ModelProto) or _graphsurgeon_graph(model)
+                                  else Path(source))
         problem = (f"the model is invalid and onnxruntime refuses it ({refused}); onnx.checker: {problem}" if refused
                    else f"onnx.checker objects to the model ({problem}); onnxruntime loads it")
     records = convert_in_place(scratch, "fold").records
@@ -317,3 +335,13 @@ def inspect(model) -> InspectReport:
               "producer_op": r.producer_op, "foldable": r.action == "folded", "action_under_fold": r.action,
               "reason": r.reason} for r in records]
     return InspectReport(source, opset, ir_version, sites + other_norm_sites(scratch), problem)
+
+
+def restore(module, path: str | os.PathLike):
+    """Rebuild a converted PyTorch module from the ``.safetensors`` file ``convert`` wrote: the recipe in the
+    file's metadata is applied to ``module`` -- a fresh instance of the original architecture, edited in place,
+    no calibration -- and the weights are loaded strictly. Returns ``module``."""
+    if not _is_torch_module(module):
+        raise UsageError("restore takes a torch.nn.Module: a fresh instance of the architecture that was converted")
+    from .torch.recipe import restore as restore_module
+    return restore_module(module, path)

@@ -34,8 +34,11 @@ class TorchConversionResult:
                                         f"the report, or pass {option('keep_invalid', True)}")
 
     def save(self, path: str | os.PathLike, *, keep_invalid: bool = False) -> Path:
-        """Write the converted weights (state_dict) as safetensors, atomically."""
+        """Write the converted weights (state_dict) as safetensors, atomically, with the conversion recipe in the
+        file's metadata (``normswap.restore`` rebuilds the converted module from a fresh original)."""
         from safetensors.torch import save_model
+
+        from .recipe import metadata
         self._check(keep_invalid)
         path = Path(path)
         if not path.parent.exists():
@@ -46,7 +49,7 @@ class TorchConversionResult:
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            save_model(self.model, tmp)
+            save_model(self.model, tmp, metadata=metadata(self.model, self.report))
             os.chmod(tmp, file_mode(path))
             os.replace(tmp, path)
         except BaseException:
