@@ -117,7 +117,7 @@ def divisors_up_to(n: int, limit: int) -> list[int]:
 
 
 def choose_groups(channels: int, spatial: int, *, groups: int | None = None, group_size: int | None = None,
-                  min_elements: int = MIN_GROUP_ELEMENTS) -> tuple[int | None, str]:
+                  min_elements: int = MIN_GROUP_ELEMENTS, say_asked: bool = True) -> tuple[int | None, str]:
     """Pick the group count for ``channels`` channels over ``spatial`` positions.
 
     With ``groups`` G: the largest divisor of C not above G; with ``group_size`` S: C / S groups when S divides C,
@@ -131,7 +131,7 @@ def choose_groups(channels: int, spatial: int, *, groups: int | None = None, gro
     for g in divisors_up_to(channels, max(1, target)):
         if (channels // g) * spatial >= min_elements:
             how = f"{g} groups of {channels // g} channels"
-            if g != target:
+            if g != target and say_asked:
                 if channels % target:
                     why = (f"{target} does not divide {channels}" if groups is not None
                            else f"{channels} channels are not a multiple of {group_size}")
@@ -142,6 +142,16 @@ def choose_groups(channels: int, spatial: int, *, groups: int | None = None, gro
             return g, how
     return None, (f"even one group holds only {channels * spatial} values per sample (< {min_elements}); "
                   "normalizing it would discard the signal")
+
+
+def group_choice_note(groups: int, channels: int, by_fit: bool, limit: int) -> str:
+    """What a GroupNorm layer's reason adds to ``choose_groups``'s: for ``groups="auto"`` that calibration picks
+    the count (this one stands until it does), else the InstanceNorm warning when each group holds one channel."""
+    if by_fit:
+        from .errors import option
+        return (f"; {option('groups', 'auto')}: calibration chooses among the counts up to {limit} by fit "
+                "(without calibration data this one stays)")
+    return one_channel_per_group_note(groups, channels)
 
 
 def one_channel_per_group_note(groups: int, channels: int) -> str:

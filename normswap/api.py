@@ -198,7 +198,8 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
         if opset is not None:
             raise UsageError("opset applies to ONNX models only")
         return convert_torch(model, to, options=ReplaceOptions(groups=groups, group_size=group_size,
-                                                               layer_over=layer_over, allow_nonfinite=allow_nonfinite),
+                                                               layer_over=layer_over, allow_nonfinite=allow_nonfinite,
+                                                               groups_by_fit=choose_groups),
                              calibration=calibration, example_inputs=example_inputs,
                              refit_output_layer=refit_output_layer, choose_groups=choose_groups,
                              calibration_batch_size=calibration_batch_size,
@@ -231,7 +232,7 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
     else:  # loaded for this call only: edit it directly (no second copy of the weights), reference = the file
         converted, reference = original, Path(source)
     options = ReplaceOptions(groups=groups, group_size=group_size, layer_over=layer_over,
-                             allow_nonfinite=allow_nonfinite)
+                             allow_nonfinite=allow_nonfinite, groups_by_fit=choose_groups)
     probe_data = calib if calib is not None else (inputs if isinstance(inputs, Mapping) else None)
     probe = _shape_probe(reference, probe_data, input_shapes, seed, provider)
     conversion = convert_in_place(converted, to, keep_unfoldable, options, probe)
@@ -272,6 +273,8 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
         if not target.exact and inputs is None:
             notes.append("fidelity was measured on random inputs, which a trained network may never see; pass "
                          f"held-out samples ({option('inputs')} data) for a meaningful measure")
+    if conversion.new_norms:
+        report.judge_function()
     result = ConversionResult(converted, report, had_external)
     if _graphsurgeon_graph(model):
         result.graph = sys.modules["onnx_graphsurgeon"].import_onnx(converted)

@@ -159,6 +159,18 @@ def _fmt(x, spec: str = ".3g") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _preserved(r: ConversionReport) -> str:
+    """The verdict line's value: true / false, or unknown with what was measured and how to decide it."""
+    if r.function_preserved is not None:
+        return str(r.function_preserved).lower()
+    if r.validation is None or not r.validation.outputs:
+        return "unknown (not validated)"
+    o = r.validation.outputs[0]
+    top1 = f", top-1 agreement {o.top1_agreement:.3f}" if o.top1_agreement is not None else ""
+    return (f"unknown (measured cosine {_fmt(o.cosine, '.4f')}{top1} on '{o.name}'; decide with --min-agreement "
+            "or --min-cosine)")
+
+
 def _verdict(passed: bool | None) -> str:
     return "measured" if passed is None else ("ok" if passed else "FAIL")
 
@@ -253,13 +265,13 @@ def _print_conversion(r: ConversionReport) -> None:
             click.echo(f"calibration batches: {c.batch_layout}")
     for note in r.notes:
         click.echo(f"note: {note}")
-    if not r.function_preserved:
+    if r.function_preserved is False and r.calibration is None:
         click.echo("warning: the converted model does NOT compute what the original did: pass --calibrate "
                    "data.npz (a few hundred unlabeled samples) so the new layers are fitted", err=True)
     if r.validation is not None:
         _print_validation(r.validation)
     if not r.exact:
-        click.echo(f"function_preserved: {str(r.function_preserved).lower()}")
+        click.echo(f"function_preserved: {_preserved(r)}")
 
 
 def _progress(quiet: bool):

@@ -141,7 +141,7 @@ class ConversionReport(_Json):
     output: str | None = None
     notes: list[str] = field(default_factory=list)
     calibration: CalibrationReport | None = None
-    function_preserved: bool = True
+    function_preserved: bool | None = True  # None: calibrated, but no gate decided it (see ``judge_function``)
     deployable: ValidationReport | None = None  # torch path: the converted module vs its own ONNX export
     frontend: str = "onnx"  # "onnx" (nodes_before/after count graph nodes) or "torch" (they count modules)
 
@@ -155,6 +155,13 @@ class ConversionReport(_Json):
         if False in results:
             return False
         return self.validation.passed
+
+    def judge_function(self) -> None:
+        """For a non-exact conversion that was calibrated: preserved when a gate passed, not when one failed,
+        unknown (None) when validation only measured or did not run. Uncalibrated stays False."""
+        if self.exact or self.function_preserved is False:
+            return
+        self.function_preserved = None if self.validation is None else self.validation.passed
 
     def count(self, action: str) -> int:
         return sum(1 for layer in self.layers if layer.action == action)

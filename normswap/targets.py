@@ -78,6 +78,7 @@ class ReplaceOptions:
     layer_over: str = "all"
     min_group_elements: int = MIN_GROUP_ELEMENTS
     allow_nonfinite: bool = False  # rewrite BNs with NaN / infinite parameters, NaN epsilon or negative variance
+    groups_by_fit: bool = False  # groups="auto": ``groups`` is only the limit calibration chooses under
 
 TARGET_NAMES: tuple[str, ...] = tuple(t.name for t in TARGETS)
 

@@ -127,6 +127,8 @@ def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibr
         if not target.exact and inputs is None:
             notes.append("fidelity was measured on the example / calibration inputs; pass held-out inputs "
                          "(inputs=) for an unbiased measure")
+    if converter.new_layers:
+        report.judge_function()
     return TorchConversionResult(converted, report, example)
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import option
-from .._math import allowed_groups, bn_affine, choose_groups, nonfinite_problem, one_channel_per_group_note
+from .._math import allowed_groups, bn_affine, choose_groups, group_choice_note, nonfinite_problem
 from ..errors import InvalidModelError, UsageError
 from ..report import LayerRecord
 from ..targets import ReplaceOptions
@@ -172,12 +172,14 @@ class TorchConverter:
                                             min_elements=opts.min_group_elements)
             else:
                 groups, how = choose_groups(site.channels, spatial, groups=target or opts.groups,
-                                            min_elements=opts.min_group_elements)
+                                            min_elements=opts.min_group_elements,
+                                            say_asked=not (opts.groups_by_fit and kind == "group"))
             if groups is None or (kind == "instance" and groups != site.channels):
                 why = how if groups is None else f"each channel holds only {spatial} values per sample"
                 return self._affine(root, site, flow, f"cannot become {kind} norm: {why}")
             if kind == "group":
-                how += one_channel_per_group_note(groups, site.channels)
+                how += group_choice_note(groups, site.channels, opts.groups_by_fit and opts.group_size is None,
+                                         opts.groups)
                 candidates = tuple(allowed_groups(site.channels, spatial, opts.groups if opts.group_size is None
                                                   else groups, opts.min_group_elements))
             new = nn.GroupNorm(groups, site.channels, eps=site.eps, affine=True)

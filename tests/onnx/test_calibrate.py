@@ -48,7 +48,7 @@ def _assert_same_weights(a: onnx.ModelProto, b: onnx.ModelProto, rtol=1e-4, atol
 def test_calibration_recovers_the_function(digits, target, options, floor):
     calib, held = digits
     plain = normswap.convert(MODEL, to=target, inputs=held, **options)
-    fitted = normswap.convert(MODEL, to=target, inputs=held, calibration=calib, **options)
+    fitted = normswap.convert(MODEL, to=target, inputs=held, calibration=calib, min_agreement=floor, **options)
     assert _agreement(plain) < 0.6  # copying gamma/beta forgets (Opacus-style)
     assert _agreement(fitted) >= floor
     assert fitted.report.function_preserved and fitted.report.calibration.samples == 200
@@ -303,3 +303,15 @@ def test_a_caffe2_light_model_with_initializers_among_its_inputs_calibrates():
 def normswap_inputs(m):
     from normswap.validate.inputs import model_inputs
     return [i.name for i in model_inputs(m)]
+
+
+def test_function_preserved_is_decided_by_a_gate_and_unknown_without_one(digits):
+    calib, held = digits
+    measured = normswap.convert(MODEL, to="group", groups=32, calibration=calib, inputs=held, progress=False)
+    assert measured.report.function_preserved is None and measured.report.passed is None
+    failed = normswap.convert(MODEL, to="group", groups=32, calibration=calib, inputs=held, min_agreement=0.99,
+                              progress=False)
+    assert failed.report.function_preserved is False and failed.report.passed is False
+    kept = normswap.convert(MODEL, to="group", groups="auto", calibration=calib, inputs=held, min_agreement=0.9,
+                            progress=False)
+    assert kept.report.function_preserved is True and kept.report.passed is True

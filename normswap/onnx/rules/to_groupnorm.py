@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 
 from ...errors import option
-from ..._math import allowed_groups, choose_groups, one_channel_per_group_note
+from ..._math import allowed_groups, choose_groups, group_choice_note
 from .base import FLOAT_TYPES, BnSite, Rewritten, Rule, Skip
 from .emit import Emitter, affine, from_float, group_normalize, instance_norm, to_float
 
@@ -67,11 +67,12 @@ def _match(kind: str):
                                         min_elements=opts.min_group_elements)
         else:
             groups, how = choose_groups(site.channels, spatial, groups=opts.groups,
-                                        min_elements=opts.min_group_elements)
+                                        min_elements=opts.min_group_elements, say_asked=not opts.groups_by_fit)
         if groups is None:
             return Skip(how)
         if kind == "group":
-            how += one_channel_per_group_note(groups, site.channels)
+            how += group_choice_note(groups, site.channels, opts.groups_by_fit and opts.group_size is None,
+                                     opts.groups)
         if kind == "instance" and groups != site.channels:
             return Skip(f"each channel holds only {spatial} values per sample "
                         f"(< {opts.min_group_elements}); instance-normalizing it would discard the signal")
