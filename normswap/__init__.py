@@ -2,6 +2,7 @@
 
 Public API: ``inspect``, ``convert``, ``validate``, ``restore`` (PyTorch), the report types and the errors.
 """
+from . import validate as _validate_package  # noqa: F401 -- imported first, so the function below keeps the name
 from .api import ConversionResult, convert, inspect, restore, validate
 from .errors import (InvalidModelError, NormswapError, OutputError, UnsupportedError, UsageError,
                      ValidationFailedError)

@@ -16,7 +16,7 @@ from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_VALI
 from .report import ConversionReport, InspectReport, ValidationReport
 from .api import CALIBRATION_BATCH
 from .targets import DEFAULT_GROUPS, LAYER_OVER, TARGET_NAMES, resolve_groups
-from .validate.compare import DEFAULT_ATOL, DEFAULT_RTOL
+from .validate.compare import DEFAULT_ATOL, DEFAULT_RTOL, NOISE_FLOOR, NOISE_MULTIPLE
 from .validate.providers import PROVIDER_CHOICES
 
 
@@ -118,8 +118,11 @@ def _validation_options(f):
                      help="Validation inputs: .npz whose keys are the input names (default: seeded random data)."),
         click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
                      help="Shape for an input with symbolic dimensions (repeatable)."),
-        click.option("--atol", type=float, default=DEFAULT_ATOL, show_default=True, help="Absolute tolerance."),
-        click.option("--rtol", type=float, default=DEFAULT_RTOL, show_default=True, help="Relative tolerance."),
+        click.option("--atol", type=float, default=None,
+                     help=f"Exact checks: judge elementwise with this absolute tolerance (with --rtol, default "
+                          f"{DEFAULT_RTOL:g}) instead of against the float64 noise floor."),
+        click.option("--rtol", type=float, default=None,
+                     help=f"Exact checks: elementwise relative tolerance (with --atol, default {DEFAULT_ATOL:g})."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs."),
         click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
                      help="Write the JSON report to this file ('-' for stdout, which silences the table)."),
@@ -176,7 +179,9 @@ def _verdict(passed: bool | None) -> str:
 
 
 def _print_validation(v: ValidationReport) -> None:
-    if v.check == "exact":
+    if v.check == "exact" and v.rule == "noise floor":
+        rule = f"exact, against the float64 original: {v.float64_reference}"
+    elif v.check == "exact":
         rule = f"exact, atol={v.atol:g} rtol={v.rtol:g}"
     else:
         gates = [f"cosine >= {v.min_cosine:g}"] if v.min_cosine is not None else []
@@ -191,6 +196,12 @@ def _print_validation(v: ValidationReport) -> None:
     for o in v.outputs:
         if o.problem:
             click.echo(f"  {o.name}: {o.problem}")
+        if o.original_error is not None:
+            ratio = "" if o.error_ratio is None else f", {o.error_ratio:.2g}x"
+            click.echo(f"  {o.name}: error against float64 {_fmt(o.converted_error)} (original's own float32 "
+                       f"error {_fmt(o.original_error)}{ratio}; allowed {NOISE_MULTIPLE:g}x + {NOISE_FLOOR:g})")
+    if v.rule_note:
+        click.echo(f"note: {v.rule_note}")
     for caution in v.cautions:
         click.echo(f"warning: validation cannot tell the models apart on {caution}", err=True)
 

@@ -62,6 +62,10 @@ class OutputComparison:
     passed: bool | None  # None: a fidelity check with no gate, measured only
     problem: str | None = None  # why the comparison cannot pass, when it is not a difference of values
     caution: str | None = None  # why this output cannot tell the two models apart (a pass here proves little)
+    # Exact checks against the float64 evaluation of the original (relative to its largest magnitude):
+    original_error: float | None = None  # the original's own float32 run
+    converted_error: float | None = None  # the converted model
+    error_ratio: float | None = None  # converted_error / original_error
 
     def __bool__(self) -> bool:
         return bool(self.passed)
@@ -82,6 +86,10 @@ class ValidationReport(_Json):
     min_cosine: float | None = None
     min_agreement: float | None = None
     layer_cosine: dict[str, float] = field(default_factory=dict)
+    # exact checks: "noise floor" (against the float64 evaluation of the original) or "atol/rtol" (elementwise)
+    rule: str = "atol/rtol"
+    float64_reference: str | None = None  # what evaluated the original in float64, and on how many samples
+    rule_note: str | None = None  # why the noise-floor rule could not be used, when it was wanted
 
     @property
     def passed(self) -> bool | None:

@@ -77,7 +77,7 @@ class TorchConversionResult:
 def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibration, example_inputs,
                   refit_output_layer: bool, choose_groups: bool, calibration_batch_size: int,
                   calibration_memory: int, distill_steps: int,
-                  keep_unfoldable: bool, validate: bool, provider: str, inputs, atol: float, rtol: float,
+                  keep_unfoldable: bool, validate: bool, provider: str, inputs, atol: float | None, rtol: float | None,
                   min_cosine: float | None, min_agreement: float | None,
                   progress: Callable[[int, int, str], None] | None) -> TorchConversionResult:
     target = get_target(to)

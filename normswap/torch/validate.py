@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import option
 from ..errors import UnsupportedError
 from ..report import ValidationReport
-from ..validate.compare import OutputStats
+from ..validate.compare import DEFAULT_ATOL, DEFAULT_RTOL, OutputStats
 from .data import forward_names
 
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; the exporter may write newer
@@ -75,8 +75,32 @@ def export(module: nn.Module, args: tuple[torch.Tensor, ...], path: str | os.Pat
                            f"); pass {option('validate')} to skip validation")
 
 
+def float64_outputs(module: nn.Module, args: tuple[torch.Tensor, ...]) -> list[np.ndarray] | None:
+    """The module's outputs computed in float64 (a double copy, on the CPU), or None when it cannot run so."""
+    import copy
+    try:
+        twin = copy.deepcopy(module).to("cpu", torch.float64).eval()
+        args64 = tuple(a.detach().to("cpu", torch.float64) if a.is_floating_point() else a.detach().cpu()
+                       for a in args)
+        return [o.numpy() for o in _outputs(twin, args64)]
+    except Exception:  # noqa: BLE001 -- some modules hold float32-only parts: the elementwise rule then applies
+        return None
+
+
+def _module_reference(module: nn.Module, names: list[str], outputs: list[str]):
+    """A float64 reference in the form the ONNX validator takes: feeds by input name -> outputs by name."""
+    def run(feeds):
+        args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names)
+        values = float64_outputs(module, args)
+        if values is None:
+            from ..validate.float64 import Unavailable
+            raise Unavailable("the module cannot run in float64")
+        return dict(zip(outputs, values))
+    return run, "torch (float64 copy of the module)"
+
+
 def validate_modules(original: nn.Module, converted: nn.Module, args: tuple[torch.Tensor, ...], *, exact: bool,
-                     provider: str, atol: float, rtol: float, min_cosine: float | None,
+                     provider: str, atol: float | None, rtol: float | None, min_cosine: float | None,
                      min_agreement: float | None, source: str) -> tuple[ValidationReport, ValidationReport]:
     """(original vs converted in ONNX Runtime, converted eager vs its own ONNX export)."""
     from ..validate.runner import validate_models
@@ -86,9 +110,11 @@ def validate_modules(original: nn.Module, converted: nn.Module, args: tuple[torc
         export(converted, args, cand_path)
         feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
         ref_model, cand_model = onnx.load(str(ref_path)), onnx.load(str(cand_path))
+        reference64 = (_module_reference(original, names, [o.name for o in ref_model.graph.output])
+                       if exact and atol is None and rtol is None else None)
         comparison = validate_models(ref_model, cand_model, provider=provider, inputs=feeds, atol=atol, rtol=rtol,
                                      check="exact" if exact else "fidelity", min_cosine=min_cosine,
-                                     min_agreement=min_agreement)
+                                     min_agreement=min_agreement, float64_reference=reference64)
         comparison.inputs = source
         deployable = _eager_vs_onnx(converted, args, cand_model, feeds, comparison.providers, atol, rtol, source)
     return comparison, deployable
@@ -107,9 +133,21 @@ def _eager_vs_onnx(module: nn.Module, args, model: onnx.ModelProto, feeds, provi
     with tempfile.TemporaryDirectory() as tmp:
         run = Activations(model, [], tuple(providers), tmp, "exported")
         got = run.run(feeds, run.outputs)
+    noise_rule = atol is None and rtol is None
+    exact64 = float64_outputs(module, args) if noise_rule else None
     outputs = []
-    for name, value in zip(run.outputs, eager_outputs):
-        stats = OutputStats(name, atol, rtol)
-        stats.add(value.detach().cpu().numpy(), np.asarray(got[name]))
+    for k, (name, value) in enumerate(zip(run.outputs, eager_outputs)):
+        stats = OutputStats(name, DEFAULT_ATOL if atol is None else atol, DEFAULT_RTOL if rtol is None else rtol)
+        eager, exported = value.detach().cpu().numpy(), np.asarray(got[name])
+        stats.add(eager, exported)
+        if exact64 is not None:
+            stats.add_float64(eager, exported, exact64[k])
         outputs.append(stats.result())
-    return ValidationReport("exact", list(run.providers), "same", OPTIMIZATION, atol, rtol, source, outputs)
+    report = ValidationReport("exact", list(run.providers), "same", OPTIMIZATION,
+                              DEFAULT_ATOL if atol is None else atol, DEFAULT_RTOL if rtol is None else rtol, source,
+                              outputs)
+    if exact64 is not None:
+        report.rule, report.float64_reference = "noise floor", "torch (float64 copy of the module)"
+    elif noise_rule:
+        report.rule_note = "the module cannot run in float64: judged elementwise within atol/rtol"
+    return report

@@ -22,6 +22,12 @@ from ..report import OutputComparison
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
+NOISE_MULTIPLE = 4.0
+"""An exact rewrite passes when its error against the float64 evaluation of the original is at most this many
+times the original's own float32 error against it..."""
+NOISE_FLOOR = 1e-6
+"""... plus this fraction of the output's largest magnitude (a few float32 ulps: an original that happens to
+round almost exactly must not fail a rewrite that rounds ordinarily)."""
 HALF_ATOL = 1e-2
 HALF_RTOL = 1e-2
 
@@ -59,6 +65,8 @@ class OutputStats:
         self.first_sample: np.ndarray | None = None  # the reference of sample 0, to see whether outputs vary
         self.samples = 0
         self.spread = 0.0  # max |ref[i] - ref[0]| over samples i (finite values)
+        self.f64_samples = 0  # samples with a float64 reference (add_float64)
+        self.f64_scale = self.original_error = self.converted_error = 0.0
         self.applied_atol = atol  # raised for half-precision outputs
 
     def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
@@ -94,6 +102,32 @@ class OutputStats:
             self.agree += int(np.sum(np.argmax(r, axis=1) == np.argmax(c, axis=1)))
         else:
             self.classes = False
+
+    def add_float64(self, ref: np.ndarray, cand: np.ndarray, ref64: np.ndarray) -> None:
+        """The same samples' float64 evaluation of the original: how far the original's float32 run (``ref``)
+        and the candidate are from it (largest absolute errors; their scale is ``max |ref64|``)."""
+        r64 = np.asarray(ref64, np.float64)
+        r, c = np.asarray(ref, np.float64), np.asarray(cand, np.float64)
+        if r64.shape != r.shape or r.shape != c.shape:
+            return
+        finite = np.isfinite(r64) & np.isfinite(r) & np.isfinite(c)
+        if not finite.any():
+            return
+        self.f64_samples += r.shape[0] if r.ndim else 1
+        self.f64_scale = max(self.f64_scale, float(np.abs(r64[finite]).max()))
+        self.original_error = max(self.original_error, float(np.abs(r[finite] - r64[finite]).max()))
+        self.converted_error = max(self.converted_error, float(np.abs(c[finite] - r64[finite]).max()))
+
+    def _noise_floor_pass(self) -> bool:
+        """Relative to each output's largest magnitude: within ``NOISE_MULTIPLE`` x the original's own float32
+        error (+ ``NOISE_FLOOR``) of the float64 reference on the samples it covers; and on every sample, within
+        that bound plus the original's error of the original's float32 output (the triangle inequality)."""
+        if self.f64_scale == 0:
+            return self.converted_error == 0 and self.max_abs == 0
+        original = self.original_error / self.f64_scale
+        allowed = NOISE_MULTIPLE * original + NOISE_FLOOR
+        everywhere = self.max_abs <= (allowed + original) * max(self.max_ref, self.f64_scale)
+        return self.converted_error / self.f64_scale <= allowed and everywhere
 
     def _track_spread(self, r: np.ndarray) -> None:
         """How far the reference moves from sample 0's along the leading (batch) axis."""
@@ -141,7 +175,9 @@ class OutputStats:
         max_rel = self.max_abs / self.max_ref if self.max_ref > 0 else (0.0 if self.max_abs == 0 else math.inf)
         top1 = self.agree / self.rows if self.classes and self.rows else None
         passed: bool | None
-        if check == "exact":
+        if check == "exact" and self.f64_samples:
+            passed = self.same_nonfinite and self._noise_floor_pass()
+        elif check == "exact":
             passed = self.same_nonfinite and self.within
         elif min_cosine is None and min_agreement is None:  # nothing to pass: measured only
             passed = None if self.same_nonfinite else False
@@ -154,9 +190,15 @@ class OutputStats:
         elif not self.count:
             problem = "no values were compared (no samples)"
         mean_abs = self.sum_abs / self.count if self.count else 0.0
-        return OutputComparison(self.name, shape, self.dtype, _finite(self.max_abs), _finite(max_rel),
-                                _finite(mean_abs), _finite(self.cosine), top1, False if problem else passed,
-                                problem, self.caution(check))
+        comparison = OutputComparison(self.name, shape, self.dtype, _finite(self.max_abs), _finite(max_rel),
+                                      _finite(mean_abs), _finite(self.cosine), top1, False if problem else passed,
+                                      problem, self.caution(check))
+        if self.f64_samples and self.f64_scale > 0:
+            comparison.original_error = self.original_error / self.f64_scale
+            comparison.converted_error = self.converted_error / self.f64_scale
+            comparison.error_ratio = (self.converted_error / self.original_error if self.original_error > 0
+                                      else (0.0 if self.converted_error == 0 else None))
+        return comparison
 
 
 def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float = DEFAULT_ATOL,

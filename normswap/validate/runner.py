@@ -16,6 +16,7 @@ import onnx
 from ..errors import InvalidModelError, UnsupportedError
 from ..report import ValidationReport
 from .compare import DEFAULT_ATOL, DEFAULT_RTOL, OutputStats
+from .float64 import FLOAT64_SAMPLES, Float64Reference, Unavailable, onnx_reference
 from .inputs import CheckedFeeds, check_feeds, load_npz_inputs, random_inputs
 from .providers import ORT_SILENT, check_ran, select_providers
 
@@ -66,14 +67,18 @@ def make_feeds(model: onnx.ModelProto, inputs: str | os.PathLike | Mapping[str, 
 
 def validate_models(reference: onnx.ModelProto | str | os.PathLike, candidate: onnx.ModelProto, *,
                     provider: str = "auto", inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
-                    input_shapes: Mapping[str, tuple[int, ...]] | None = None, atol: float = DEFAULT_ATOL,
-                    rtol: float = DEFAULT_RTOL, seed: int = 0, check: str = "exact",
+                    input_shapes: Mapping[str, tuple[int, ...]] | None = None, atol: float | None = None,
+                    rtol: float | None = None, seed: int = 0, check: str = "exact",
                     min_cosine: float | None = None, min_agreement: float | None = None,
                     layer_outputs: tuple[str, ...] = (), batch_size: int = VALIDATION_BATCH,
-                    progress=None) -> ValidationReport:
+                    progress=None, float64_reference: tuple[Float64Reference, str] | None = None
+                    ) -> ValidationReport:
     """Run both models on the same inputs (in batches) and compare every output of the reference by name.
 
-    ``check="exact"`` applies atol / rtol; ``check="fidelity"`` measures and applies only the optional gates.
+    ``check="exact"`` judges each output against the float64 evaluation of the original (``float64_reference``,
+    or computed from the reference model; see ``float64``) -- the noise-floor rule -- unless ``atol`` / ``rtol``
+    are given, which apply elementwise (also the fallback, said in ``rule_note``, when no float64 evaluation can
+    run). ``check="fidelity"`` measures and applies only the optional gates.
     ``layer_outputs`` are intermediate values present in both models (a replaced BN keeps its output name):
     their cosine similarity is reported as per-layer drift. ``reference`` may be the path of the unmodified
     original (then the inputs are read off the candidate, which has the same ones).
@@ -83,6 +88,15 @@ def validate_models(reference: onnx.ModelProto | str | os.PathLike, candidate: o
     choice = select_providers(provider)
     feeds, source = make_feeds(reference if isinstance(reference, onnx.ModelProto) else candidate, inputs,
                                input_shapes, seed)
+    noise_rule = check == "exact" and atol is None and rtol is None
+    atol = DEFAULT_ATOL if atol is None else atol
+    rtol = DEFAULT_RTOL if rtol is None else rtol
+    f64, f64_what, rule_note = None, None, None
+    if noise_rule:
+        try:
+            f64, f64_what = float64_reference or onnx_reference(_proto(reference))
+        except Unavailable as e:
+            rule_note = f"the original could not be evaluated in float64 ({e}): judged elementwise within atol/rtol"
     with tempfile.TemporaryDirectory(prefix="normswap-") as workdir:
         ref = Activations(reference, list(layer_outputs), choice.providers, workdir, "reference")
         cand = Activations(candidate, list(layer_outputs), choice.providers, workdir, "candidate")
@@ -106,10 +120,43 @@ def validate_models(reference: onnx.ModelProto | str | os.PathLike, candidate: o
                 progress(k, runs, "validating")
             for name, st in stats.items():
                 st.add(*(_valid_rows(v[name], valid, layout.rows) for v in (r, c)))
+            if f64 is not None and k == 1:
+                try:
+                    f64_what = _add_float64(f64, f64_what, batch, valid, layout, r, c, out_names, stats)
+                except Unavailable as e:
+                    f64, rule_note = None, (f"the original could not be evaluated in float64 ({e}): judged "
+                                            "elementwise within atol/rtol")
     comparisons = [stats[n].result(check, min_cosine, min_agreement) for n in out_names]
     drift = {n: stats[n].cosine for n in layer_outputs}
+    judged = f64 is not None and any(stats[n].f64_samples for n in out_names)
     return ValidationReport(check, ran, provider, OPTIMIZATION, atol, rtol, source, comparisons,
-                            min_cosine=min_cosine, min_agreement=min_agreement, layer_cosine=drift)
+                            min_cosine=min_cosine, min_agreement=min_agreement, layer_cosine=drift,
+                            rule="noise floor" if judged else "atol/rtol",
+                            float64_reference=f64_what if judged else None, rule_note=rule_note)
+
+
+def _proto(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    from ..onnx.io import load_model
+    return load_model(model, lazy_external=True).model
+
+
+def _add_float64(f64: Float64Reference, what: str, batch: Mapping[str, np.ndarray], valid: int | None, layout,
+                 ref: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray], names: list[str],
+                 stats: Mapping[str, OutputStats]) -> str:
+    """Evaluate the first samples in float64 (all of a fixed-batch run) and give each output's stats the
+    original's and the candidate's distance to it; returns the description with the sample count."""
+    n = valid if valid is not None else (layout.rows or None)
+    take = n if layout.pad or n is None else min(n, FLOAT64_SAMPLES)
+    part = batch if layout.pad or take is None else {k: v[:take] if np.ndim(v) else v for k, v in batch.items()}
+    out = f64(part)
+    for name in names:
+        if name in out:
+            rows = (lambda v: v[:take] if take is not None and np.ndim(v) else v)
+            stats[name].add_float64(rows(np.asarray(ref[name])), rows(np.asarray(cand[name])), rows(out[name]))
+    samples = max((stats[nm].f64_samples for nm in names), default=0)
+    return f"{what}, {samples} sample(s)"
 
 
 def _valid_rows(value: np.ndarray, valid: int | None, rows: int) -> np.ndarray:
