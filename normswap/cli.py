@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_VALIDATION_FAILED, SPEAKING_CLI,
-                     NormswapError, UsageError)
+from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_UNSUPPORTED, EXIT_VALIDATION_FAILED,
+                     SPEAKING_CLI, NormswapError, UsageError)
 from .report import ConversionReport, InspectReport, ValidationReport
 from .api import CALIBRATION_BATCH
 from .targets import DEFAULT_GROUPS, LAYER_OVER, TARGET_NAMES, resolve_groups
@@ -107,7 +107,8 @@ def _terminated(signum, frame) -> None:
 def main(ctx: click.Context, debug: bool) -> None:
     """Rewrite the BatchNorm layers of trained networks, and validate the result in ONNX Runtime."""
     ctx.meta["normswap.debug"] = debug
-    SPEAKING_CLI.set(True)  # messages name flags (--input-shape), not API keywords (input_shapes=)
+    token = SPEAKING_CLI.set(True)  # messages name flags (--input-shape), not API keywords (input_shapes=)
+    ctx.call_on_close(lambda: SPEAKING_CLI.reset(token))  # in-process callers (tests, scripts) get it back
 
 
 def _validation_options(f):
@@ -187,7 +188,8 @@ def _print_validation(v: ValidationReport) -> None:
         gates = [f"cosine >= {v.min_cosine:g}"] if v.min_cosine is not None else []
         gates += [f"top-1 agreement >= {v.min_agreement:g}"] if v.min_agreement is not None else []
         rule = "fidelity" + (f", gate: {' and '.join(gates)}" if gates else ", no gate")
-    click.echo(f"validation ({rule}) on {', '.join(v.providers)}; inputs: {v.inputs}")
+    exported = f"; exported with {v.exported_with}" if v.exported_with else ""
+    click.echo(f"validation ({rule}) on {', '.join(v.providers)}; inputs: {v.inputs}{exported}")
     header = ["  output", f"{'max_abs':>10}", f"{'max_rel':>10}", f"{'mean_abs':>10}", f"{'cosine':>10}", f"{'top1':>6}",
               "result"]
     _table([[f"  {o.name}", f"{_fmt(o.max_abs):>10}", f"{_fmt(o.max_rel):>10}", f"{_fmt(o.mean_abs):>10}",
@@ -574,6 +576,10 @@ def _convert_torch(spec, weights, export_onnx, distill_steps, target, output, ke
     _write_report(report, report_path)
     if failed:
         sys.exit(EXIT_VALIDATION_FAILED)
+    if report.validation_error:  # the conversion was written; its check could not run
+        click.echo(f"normswap: error: {report.validation_error}; the converted module was written unchecked",
+                   err=True)
+        sys.exit(EXIT_UNSUPPORTED)
 
 
 @main.command(epilog="""\b

@@ -90,6 +90,7 @@ class ValidationReport(_Json):
     rule: str = "atol/rtol"
     float64_reference: str | None = None  # what evaluated the original in float64, and on how many samples
     rule_note: str | None = None  # why the noise-floor rule could not be used, when it was wanted
+    exported_with: str | None = None  # PyTorch path: the torch.onnx exporter(s) that produced what was validated
 
     @property
     def passed(self) -> bool | None:
@@ -152,6 +153,7 @@ class ConversionReport(_Json):
     function_preserved: bool | None = True  # None: calibrated, but no gate decided it (see ``judge_function``)
     deployable: ValidationReport | None = None  # torch path: the converted module vs its own ONNX export
     frontend: str = "onnx"  # "onnx" (nodes_before/after count graph nodes) or "torch" (they count modules)
+    validation_error: str | None = None  # why validation could not run (the conversion is kept; CLI exit 4)
 
     @property
     def passed(self) -> bool | None:
@@ -190,6 +192,7 @@ class ConversionReport(_Json):
             "validation": None if self.validation is None else self.validation.to_dict(),
             "deployable": None if self.deployable is None else self.deployable.to_dict(),
             "notes": list(self.notes),
+            "validation_error": self.validation_error,
             "passed": self.passed,
         }
 

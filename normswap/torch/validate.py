@@ -47,32 +47,62 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def export(module: nn.Module, args: tuple[torch.Tensor, ...], path: str | os.PathLike) -> list[str]:
-    """torch.onnx.export with the dynamo exporter (optimize=False, so BN stays in the original's graph), falling
-    back to the TorchScript exporter (which folds Conv+BN in eval mode -- the same function). Inputs are named
-    after forward's arguments, outputs ``output0``, ``output1``... so two exports line up; returns input names."""
+EXPORTERS = ("dynamo", "TorchScript")
+
+
+def _export_once(module: nn.Module, args: tuple[torch.Tensor, ...], path: str, exporter: str, names: list[str],
+                 outputs: list[str]) -> None:
+    dynamo = exporter == "dynamo"
+    with _quiet_exporter():
+        torch.onnx.export(module, args, path, dynamo=dynamo, input_names=names, output_names=outputs,
+                          **({"optimize": False} if dynamo else {}))
+
+
+def _runtime_problem(path: str, args: tuple[torch.Tensor, ...]) -> str | None:
+    """Why onnxruntime cannot load or run the exported model on ``args``, or None."""
+    import onnxruntime as ort
+    from ..validate.providers import CPU, ORT_SILENT
+    options = ort.SessionOptions()
+    options.log_severity_level = ORT_SILENT
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(path, options, providers=[CPU])
+        feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
+        session.run(None, feeds)
+    except Exception as e:  # noqa: BLE001
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return None
+
+
+def export(module: nn.Module, args: tuple[torch.Tensor, ...], path: str | os.PathLike) -> tuple[list[str], str]:
+    """torch.onnx.export with the dynamo exporter (optimize=False, so BN stays in the original's graph); when it
+    fails, or onnxruntime cannot load or run what it wrote (dynamo's Conv3d export of torchvision's r3d_18), the
+    TorchScript exporter (which folds Conv+BN in eval mode -- the same function). Inputs are named after
+    forward's arguments, outputs ``output0``, ``output1``... so two exports line up. Returns (input names, the
+    exporter that produced the model)."""
     names = [n for n in forward_names(module)][:len(args)] or [f"input{k}" for k in range(len(args))]
     training = module.training
     module.eval()
     errors = []
     try:
         outputs = [f"output{k}" for k in range(len(_outputs(module, args)))]
-        for dynamo in (True, False):
+        for exporter in EXPORTERS:
             try:
-                with _quiet_exporter():
-                    torch.onnx.export(module, args, str(path), dynamo=dynamo, input_names=names,
-                                      output_names=outputs, **({"optimize": False} if dynamo else {}))
+                _export_once(module, args, str(path), exporter, names, outputs)
                 m = onnx.load(str(path))
                 if m.ir_version > IR_VERSION:
                     m.ir_version = IR_VERSION
                 onnx.save_model(m, str(path))
-                return [i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}]
-            except Exception as e:
-                errors.append(f"{'dynamo' if dynamo else 'TorchScript'}: {str(e).splitlines()[0] if str(e) else e!r}")
+            except Exception as e:  # noqa: BLE001 -- the exporter's own failure: try the other one
+                errors.append(f"{exporter}: {str(e).splitlines()[0] if str(e) else e!r}")
+                continue
+            problem = _runtime_problem(str(path), args)
+            if problem is None:
+                return [i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}], exporter
+            errors.append(f"{exporter}: onnxruntime cannot run its export ({problem})")
     finally:
         module.train(training)
-    raise UnsupportedError("torch.onnx could not export the module (" + "; ".join(errors)[:300] +
-                           f"); pass {option('validate')} to skip validation")
+    raise UnsupportedError("no torch.onnx exporter gave a model onnxruntime runs (" + "; ".join(errors)[:400] + ")")
 
 
 def float64_outputs(module: nn.Module, args: tuple[torch.Tensor, ...]) -> list[np.ndarray] | None:
@@ -106,8 +136,8 @@ def validate_modules(original: nn.Module, converted: nn.Module, args: tuple[torc
     from ..validate.runner import validate_models
     with tempfile.TemporaryDirectory(prefix="normswap-torch-") as tmp:
         ref_path, cand_path = Path(tmp) / "original.onnx", Path(tmp) / "converted.onnx"
-        names = export(original, args, ref_path)
-        export(converted, args, cand_path)
+        names, ref_exporter = export(original, args, ref_path)
+        _, cand_exporter = export(converted, args, cand_path)
         feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
         ref_model, cand_model = onnx.load(str(ref_path)), onnx.load(str(cand_path))
         reference64 = (_module_reference(original, names, [o.name for o in ref_model.graph.output])
@@ -116,7 +146,9 @@ def validate_modules(original: nn.Module, converted: nn.Module, args: tuple[torc
                                      check="exact" if exact else "fidelity", min_cosine=min_cosine,
                                      min_agreement=min_agreement, float64_reference=reference64)
         comparison.inputs = source
+        comparison.exported_with = f"original: {ref_exporter}, converted: {cand_exporter}"
         deployable = _eager_vs_onnx(converted, args, cand_model, feeds, comparison.providers, atol, rtol, source)
+        deployable.exported_with = cand_exporter
     return comparison, deployable
 
 

@@ -84,3 +84,18 @@ def test_inspect_torch_and_usage_errors(workdir):
     assert cli("convert", "--torch-model", "nope:build", "--to", "fold", cwd=workdir).returncode == 2
     r = cli("convert", "--torch-model", "factory_net:build", "--to", "fold", cwd=workdir)
     assert r.returncode == 2 and "example inputs" in r.stderr
+
+
+def test_validation_that_cannot_run_exits_4_and_keeps_the_converted_module(workdir, monkeypatch):
+    from click.testing import CliRunner
+
+    import normswap.torch.validate as tv
+    from normswap.cli import main
+    monkeypatch.setattr(tv, "_runtime_problem", lambda path, args: "Conv: bias must be a 1D tensor")
+    monkeypatch.chdir(workdir)
+    monkeypatch.syspath_prepend(str(workdir))
+    r = CliRunner().invoke(main, ["convert", "--torch-model", "factory_net:build", "--weights", "w.safetensors",
+                                  "--to", "fold", "--input-shape", "input:2,1,8,8", "-o", "f.safetensors"])
+    assert r.exit_code == 4, r.output
+    assert (workdir / "f.safetensors").exists()
+    assert "validation could not run" in r.output and "written unchecked" in r.output

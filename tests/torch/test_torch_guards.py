@@ -287,3 +287,33 @@ def test_torch_asked_groups_are_honoured_with_calibration_and_auto_may_choose_ot
     no_data = normswap.convert(_conv_bn(nn.BatchNorm2d(8)), to="group", groups="auto", example_inputs=X,
                                validate=False)
     assert any("groups='auto' chooses group counts by fit" in n for n in no_data.report.notes)
+
+
+def test_an_export_onnxruntime_cannot_run_is_retried_with_the_other_exporter(monkeypatch):
+    import normswap.torch.validate as tv
+    real = tv._export_once
+
+    def broken_dynamo(module, args, path, exporter, names, outputs):
+        real(module, args, path, exporter, names, outputs)
+        if exporter == "dynamo":  # what r3d_18's dynamo export does: a model onnxruntime refuses to load
+            m = onnx.load(path)
+            conv = next(n for n in m.graph.node if n.op_type == "Conv")
+            conv.attribute.append(onnx.helper.make_attribute("no_such_attribute", 1))
+            onnx.save_model(m, path)
+    import onnx
+    monkeypatch.setattr(tv, "_export_once", broken_dynamo)
+    r = normswap.convert(_conv_bn(nn.BatchNorm2d(8)), to="fold", example_inputs=X)
+    assert r.report.passed and "TorchScript" in r.report.validation.exported_with
+    assert r.report.deployable.exported_with == "TorchScript"
+
+
+def test_when_no_export_runs_the_conversion_is_kept_and_validation_says_why(monkeypatch, tmp_path):
+    import normswap.torch.validate as tv
+    monkeypatch.setattr(tv, "_runtime_problem", lambda path, args: "Conv: bias must be a 1D tensor")
+    r = normswap.convert(_conv_bn(nn.BatchNorm2d(8)), to="fold", example_inputs=X)
+    assert r.report.validation is None and r.report.passed is None
+    assert "validation could not run" in r.report.validation_error and "bias must be a 1D tensor" in \
+        r.report.validation_error
+    assert "data" not in r.report.validation_error  # never blamed on the data
+    assert isinstance(r.model[1], nn.Identity)  # the conversion stands
+    assert r.save(tmp_path / "kept.safetensors").exists()
