@@ -226,8 +226,10 @@ def test_outputs_within_atol_of_zero_are_a_caution_and_ordinary_outputs_are_not(
     assert ordinary.passed and ordinary.cautions == []
     for t, v in ((gamma, 1e-7), (beta, 0.0), (mean, 0.0)):
         t.CopyFrom(onnx.numpy_helper.from_array(np.full(6, v, np.float32), t.name))
-    tiny = normswap.convert(m, to="fold").report.validation
+    tiny = normswap.convert(m, to="fold", atol=1e-4).report.validation  # the elementwise rule
     assert tiny.passed and "within atol" in tiny.outputs[0].caution
+    relative = normswap.convert(m, to="fold").report.validation  # the noise-floor rule is relative: no blind spot
+    assert relative.rule == "noise floor" and relative.passed and not relative.outputs[0].caution
     assert "within atol" not in (normswap.convert(m, to="fold", atol=1e-9).report.validation.outputs[0].caution
                                  or "")
 
