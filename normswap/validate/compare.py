@@ -155,9 +155,12 @@ class OutputStats:
             return (f"every reference value is within atol ({atol:g}) of zero (largest {self.max_ref:.3g}): "
                     f"an all-zero output would pass; lower {option('atol')} or validate with inputs that give larger "
                     "outputs")
+        if self.f64_samples and self.f64_scale > 0:  # the noise-floor rule's tolerance, in absolute terms
+            atol = ((NOISE_MULTIPLE + 1) * self.original_error / self.f64_scale + NOISE_FLOOR) * \
+                max(self.max_ref, self.f64_scale)
         if self.samples >= 2 and self.spread <= atol:
             return (f"the reference output is the same for all {self.samples} samples (it moves by at most "
-                    f"{self.spread:.3g}, atol {atol:g}): a model ignoring its input would pass; validate with "
+                    f"{self.spread:.3g}, tolerance {atol:.3g}): a model ignoring its input would pass; validate with "
                     f"inputs that change the output (real samples as {option('inputs')})")
         return None
 
