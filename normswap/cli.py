@@ -190,7 +190,8 @@ def _print_validation(v: ValidationReport) -> None:
         rule = "fidelity" + (f", gate: {' and '.join(gates)}" if gates else ", no gate")
     exported = f"; exported with {v.exported_with}" if v.exported_with else ""
     click.echo(f"validation ({rule}) on {', '.join(v.providers)}; inputs: {v.inputs}{exported}")
-    header = ["  output", f"{'max_abs':>10}", f"{'max_rel':>10}", f"{'mean_abs':>10}", f"{'cosine':>10}", f"{'top1':>6}",
+    header = ["  output", f"{'max_abs':>10}", f"{'max_rel':>10}", f"{'mean_abs':>10}", f"{'cosine':>10}",
+              f"{'top1':>6}",
               "result"]
     _table([[f"  {o.name}", f"{_fmt(o.max_abs):>10}", f"{_fmt(o.max_rel):>10}", f"{_fmt(o.mean_abs):>10}",
              f"{_fmt(o.cosine, '.6f'):>10}", f"{_fmt(o.top1_agreement, '.2f'):>6}", _verdict(o.passed)]

@@ -16,7 +16,6 @@ import onnx
 import torch
 from torch import nn
 
-from ..errors import option
 from ..errors import UnsupportedError
 from ..report import ValidationReport
 from ..validate.compare import DEFAULT_ATOL, DEFAULT_RTOL, OutputStats
