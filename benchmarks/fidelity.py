@@ -70,7 +70,6 @@ TORCH_CONFIGS = [  # (label, kwargs, calibrated, opacus-style reset)
     ("group G=32, gamma/beta copied", {}, False, False),
     ("group G=32, calibrated", {}, True, False),
     ("group auto (G chosen by fit), calibrated", {"groups": "auto"}, True, False),
-    (f"group G=32, calibrated + distilled {DISTILL_STEPS} steps", {"distill_steps": DISTILL_STEPS}, True, False),
 ]
 
 CONFIGS = [  # (label, target, kwargs, calibrated)
@@ -168,12 +167,67 @@ def run(out: Path) -> None:
                     results.setdefault((net_name, f"PyTorch: {label}"), []).append(
                         (agree, cos, groups, c and c.seconds, None, c and c.passes))
                     print(f"{net_name:44s} seed {seed} PyTorch {label:45s} agreement {agree:.4f}", flush=True)
+                distill_rows(net, net_name, seed, calib, x_test, results)
     write(out, results, accuracies)
+
+
+DISTILL_CONFIGS = [("group G=32", "group", {"groups": 32}), ("group auto", "group", {"groups": "auto"}),
+                   ("layer", "layer", {}), ("instance", "instance", {})]
+
+
+def _torch_agreement(net, model, x_test) -> float:
+    import torch
+    with torch.no_grad():
+        x = torch.from_numpy(x_test)
+        return float((net.eval()(x).argmax(1) == model.eval()(x).argmax(1)).float().mean())
+
+
+def distill_rows(net, net_name: str, seed: int, calib, x_test, results) -> None:
+    """Calibrated, then distilled DISTILL_STEPS steps with each scope: held-out agreement and seconds per step."""
+    import torch
+    data = torch.from_numpy(calib["x"].copy())
+    for label, target, options in DISTILL_CONFIGS:
+        row = []
+        for scope in (None, "all", "norms"):
+            extra = {"distill_steps": DISTILL_STEPS, "distill_scope": scope} if scope else {}
+            result = normswap.convert(net, to=target, calibration=data, validate=False, **options, **extra)
+            d = result.report.calibration.distillation
+            row.append((_torch_agreement(net, result.model, x_test), d and d.seconds / max(d.steps, 1),
+                        d and d.kept))
+        results.setdefault(("distill", net_name, label), []).append(row)
+        print(f"{net_name:44s} seed {seed} distill {label:12s} " +
+              " ".join(f"{a:.4f}" for a, _, _ in row), flush=True)
 
 
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def distill_table(distilled) -> list[str]:
+    """Calibrated against calibrated + distilled (both scopes): the issue-12 target per row."""
+    lines = [
+        "",
+        f"## Distillation after calibration (PyTorch, {DISTILL_STEPS} steps, mean over seeds)",
+        "",
+        "Every parameter (`distill_scope='all'`, Adam with each tensor's step 1e-2 x its RMS) or only the new layers' scale and shift (`'norms'`, "
+        "Adam 1e-2) trained towards the original's logits on the calibration images, 15% of them held aside: the "
+        "best state on them is kept, the calibrated one when no step beats it. Target: rows calibrated below 99% "
+        "gain at least 1 point on average, no row loses more than 0.5 point.",
+        "",
+        "| network | conversion | calibrated | + all | + norms | s/step all | s/step norms | best from 99.5% | target |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (net, label), runs in distilled.items():
+        calibrated = _mean(r[0][0] for r in runs)
+        every, norms = _mean(r[1][0] for r in runs), _mean(r[2][0] for r in runs)
+        step_all, step_norms = _mean(r[1][1] for r in runs), _mean(r[2][1] for r in runs)
+        best = max(calibrated, every, norms)
+        met = every - calibrated >= (0.01 if calibrated < 0.99 else -0.005)
+        lines.append(f"| {net} | {label} | {calibrated:.1%} | {every:.1%} ({every - calibrated:+.1%}) | "
+                     f"{norms:.1%} ({norms - calibrated:+.1%}) | {step_all * 1000:.1f} ms | "
+                     f"{step_norms * 1000:.1f} ms | {best - 0.995:+.1%} | {'met' if met else 'not met'} |")
+    return lines
 
 
 def write(out: Path, results, accuracies) -> None:
@@ -201,7 +255,8 @@ def write(out: Path, results, accuracies) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     references = {k[1:]: v for k, v in results.items() if k[0] == "reference"}
-    results = {k: v for k, v in results.items() if k[0] != "reference"}
+    distilled = {k[1:]: v for k, v in results.items() if k[0] == "distill"}
+    results = {k: v for k, v in results.items() if k[0] not in ("reference", "distill")}
     for (net, label), runs in results.items():
         agree = [r[0] for r in runs]
         groups = sorted(set().union(*(r[2] for r in runs)))
@@ -210,6 +265,7 @@ def write(out: Path, results, accuracies) -> None:
                      f"{_mean(r[1] for r in runs):.4f} | {', '.join(map(str, groups))} | "
                      f"{'-' if secs is None else f'{secs:.2f}'} | {'-' if ratio is None else f'{ratio:.0f}'} | "
                      f"{'-' if passes is None else f'{passes:.0f}'} |")
+    lines += distill_table(distilled)
     lines += [
         "",
         "## Segmented calibration against the level-by-level fit it replaced",

@@ -160,7 +160,7 @@ def _is_torch_module(model) -> bool:
 @auto_progress
 def convert(model, to: str = "fold", *, groups: int | str | None = None, group_size: int | None = None,
             layer_over: str = "all", calibration=None, refit_output_layer: bool = True,
-            distill_steps: int = 0, example_inputs=None,
+            distill_steps: int = 0, distill_scope: str = "all", distill_holdout: float = 0.15, example_inputs=None,
             calibration_batch_size: int = CALIBRATION_BATCH, calibration_memory: int = DEFAULT_MEMORY_BUDGET,
             keep_unfoldable: bool = False, allow_nonfinite: bool = False, validate: bool = True,
             provider: str = "auto", inputs: Inputs = None, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
@@ -174,7 +174,9 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
     for fidelity (gated by ``min_cosine`` / ``min_agreement`` when given).
     ``calibration`` (unlabeled samples; ONNX: an .npz path or a mapping of input name to array; torch: a tensor,
     a tuple of tensors or an iterable of batches) refits the new layers so the network keeps its function;
-    ``distill_steps`` (torch) then trains their scale and shift to match the original outputs. ``to="group"``:
+    ``distill_steps`` (torch) then trains the converted network towards the original's outputs:
+    ``distill_scope="all"`` every parameter, ``"norms"`` the new layers' scale and shift; ``distill_holdout`` of
+    the calibration data is held aside to keep the best state (or the calibrated one when no step beats it). ``to="group"``:
     ``groups=G`` (default 32) is honoured in every layer whose C allows it (the largest divisor of C not above G;
     the report gives each layer's count and why it differs), ``group_size=S`` asks for S channels per group, and
     ``groups="auto"`` lets calibration choose each layer's count by measured fit. Calibration runs
@@ -205,6 +207,7 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
                              refit_output_layer=refit_output_layer, choose_groups=choose_groups,
                              calibration_batch_size=calibration_batch_size,
                              calibration_memory=calibration_memory, distill_steps=distill_steps,
+                             distill_scope=distill_scope, distill_holdout=distill_holdout,
                              keep_unfoldable=keep_unfoldable, validate=validate, provider=provider, inputs=inputs,
                              atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement,
                              progress=progress)

@@ -397,7 +397,12 @@ Examples:
 @click.option("--export-onnx", type=click.Path(dir_okay=False), default=None,
               help="With --torch-model: also export the converted module to this ONNX file.")
 @click.option("--distill-steps", type=int, default=0, show_default=True,
-              help="With --torch-model and --calibrate: train the new layers' scale and shift this many steps.")
+              help="With --torch-model and --calibrate: after calibration, train towards the original's outputs "
+                   "this many steps (the best state on held-out data is kept).")
+@click.option("--distill-scope", type=click.Choice(["all", "norms"]), default="all", show_default=True,
+              help="Distillation trains every parameter (all) or the new layers' scale and shift (norms).")
+@click.option("--distill-holdout", type=float, default=0.15, show_default=True,
+              help="Share of the calibration data held aside to judge distillation.")
 @click.option("--to", "target", type=click.Choice(TARGET_NAMES), required=True, help="What to turn BN into.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Output model (default: <stem>.<target>.onnx beside the input).")
@@ -431,7 +436,8 @@ Examples:
 @click.option("--keep-invalid", is_flag=True, help="Write the output even when validation fails (exit 1).")
 @_validation_options
 def convert(model: str | None, torch_model: str | None, weights: str | None, export_onnx: str | None,
-            distill_steps: int, target: str, output: str | None, in_place: bool, keep_unfoldable: bool,
+            distill_steps: int, distill_scope: str, distill_holdout: float, target: str, output: str | None,
+            in_place: bool, keep_unfoldable: bool,
             allow_nonfinite: bool, groups: str | None,
             group_size: int | None, layer_over: str, calibration: str | None, calibrate_norms_only: bool,
             calibration_batch_size: int, calibration_memory: str | None, opset: int | None,
@@ -449,7 +455,8 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
     memory = _size(calibration_memory)
     resolve_groups(target, groups, group_size)  # conflicting options fail before any work
     if torch_model:
-        return _convert_torch(torch_model, weights, export_onnx, distill_steps, target, output, keep_unfoldable,
+        return _convert_torch(torch_model, weights, export_onnx, (distill_steps, distill_scope, distill_holdout),
+                              target, output, keep_unfoldable,
                               groups, group_size, layer_over, calibration, calibrate_norms_only,
                               calibration_batch_size, memory, min_cosine, min_agreement, quiet, validate,
                               keep_invalid, provider, inputs, input_shapes, atol, rtol, seed, report_path)
@@ -524,7 +531,7 @@ def _torch_args(module, shapes: dict[str, tuple[int, ...]], npz: str | None, see
     return tuple(torch.from_numpy(rng.standard_normal(shapes[n]).astype(np.float32)) for n in names if n in shapes)
 
 
-def _convert_torch(spec, weights, export_onnx, distill_steps, target, output, keep_unfoldable, groups, group_size,
+def _convert_torch(spec, weights, export_onnx, distillation, target, output, keep_unfoldable, groups, group_size,
                    layer_over, calibration, calibrate_norms_only, calibration_batch_size, memory,
                    min_cosine, min_agreement, quiet, validate, keep_invalid, provider, inputs, input_shapes, atol,
                    rtol, seed, report_path) -> None:
@@ -549,7 +556,8 @@ def _convert_torch(spec, weights, export_onnx, distill_steps, target, output, ke
         result = convert_model(module, target, groups=groups, group_size=group_size, layer_over=layer_over,
                                calibration=calib, refit_output_layer=not calibrate_norms_only,
                                calibration_batch_size=calibration_batch_size,
-                               calibration_memory=memory, distill_steps=distill_steps,
+                               calibration_memory=memory, distill_steps=distillation[0],
+                               distill_scope=distillation[1], distill_holdout=distillation[2],
                                example_inputs=example if example is not None else held,
                                keep_unfoldable=keep_unfoldable, validate=validate, provider=provider, inputs=held,
                                atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement,

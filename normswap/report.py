@@ -116,6 +116,31 @@ class ValidationReport(_Json):
 
 
 @dataclass
+class DistillationReport:
+    """What distillation did: scope, steps run, the step whose state was kept (0: none beat the calibrated
+    parameters, which were kept), held-out samples and the held-out output error before and after."""
+
+    scope: str  # "all": every parameter of the converted network; "norms": the new layers' scale and shift
+    steps: int
+    best_step: int
+    heldout_samples: int  # 0: no slice could be held out (the training data judged the steps)
+    heldout_error_before: float
+    heldout_error_after: float
+    seconds: float
+    kept: bool
+    learning_rate: str  # Adam's step: a number, or how it scales with each tensor
+
+    def summary(self) -> str:
+        where = f"{self.heldout_samples} held-out samples" if self.heldout_samples else "the training data"
+        if not self.kept:
+            return (f"distillation ({self.scope}, {self.steps} steps) did not lower the output error on {where} "
+                    f"({self.heldout_error_before:.3g}); the calibrated parameters were kept")
+        return (f"distilled {self.scope} parameters for {self.steps} steps in {self.seconds:.1f} s: output mean "
+                f"squared error on {where} {self.heldout_error_before:.3g} -> {self.heldout_error_after:.3g} "
+                f"(best at step {self.best_step})")
+
+
+@dataclass
 class CalibrationReport:
     """How calibration ran: data size, passes over it, time, and every layer whose weights it changed."""
 
@@ -127,6 +152,7 @@ class CalibrationReport:
     layers_changed: list[str] = field(default_factory=list)
     head: str | None = None
     notes: list[str] = field(default_factory=list)
+    distillation: DistillationReport | None = None
     segments: int = 0  # the models were run segment by segment, each node once per sample
     batch_layout: str = ""  # how the data was fed (the model's own batch, or a freed batch dimension)
     memory_budget: int = 0  # bytes of activations kept in memory before spilling to disk

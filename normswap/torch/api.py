@@ -14,7 +14,8 @@ from ..errors import option
 from ..errors import OutputError, UnsupportedError, UsageError, ValidationFailedError
 from ..report import ConversionReport
 from ..targets import REPLACEMENT_TARGETS, ReplaceOptions, auto_groups_note, get_target
-from .calibrate import calibrate, distill, module_device
+from .calibrate import calibrate, module_device
+from .distill import distill
 from .convert import convert_module
 from .data import Batches, as_args, positional_arity
 from .sites import coupling_report
@@ -76,7 +77,7 @@ class TorchConversionResult:
 
 def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibration, example_inputs,
                   refit_output_layer: bool, choose_groups: bool, calibration_batch_size: int,
-                  calibration_memory: int, distill_steps: int,
+                  calibration_memory: int, distill_steps: int, distill_scope: str, distill_holdout: float,
                   keep_unfoldable: bool, validate: bool, provider: str, inputs, atol: float | None, rtol: float | None,
                   min_cosine: float | None, min_agreement: float | None,
                   progress: Callable[[int, int, str], None] | None) -> TorchConversionResult:
@@ -102,8 +103,15 @@ def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibr
                                            progress=progress)
             notes.extend(report.calibration.notes)
             if distill_steps:
-                notes.append(distill(module, converted, converter.new_layers, data, distill_steps, progress))
-                report.calibration.layers_changed = sorted(set(report.calibration.layers_changed))
+                norm_params = [p for layer in converter.new_layers for p in layer.module.parameters()]
+                result = distill(module, converted, norm_params, data, distill_steps, scope=distill_scope,
+                                 holdout=distill_holdout, progress=progress)
+                report.calibration.distillation = result
+                notes.append(result.summary())
+                changed = set(report.calibration.layers_changed)
+                if result.kept and distill_scope == "all":
+                    changed |= {n for n, m in converted.named_modules() if next(m.parameters(False), None) is not None}
+                report.calibration.layers_changed = sorted(changed)
         else:
             report.function_preserved = False
             notes.append("function NOT preserved: without calibration data the new layers use the BN's gamma and "

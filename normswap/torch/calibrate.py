@@ -31,7 +31,6 @@ from .segments import SegmentRunner, moments, plan, trace
 from .sites import TorchSite
 
 Progress = Callable[[int, int, str], None]
-DISTILL_LR = 1e-2
 HEAD_RIDGE = 1e-3
 
 
@@ -299,59 +298,6 @@ def _refit_head_from(converted: nn.Module, head: str, pairs) -> str:
     else:
         linear.bias.copy_(torch.as_tensor(new[-1], dtype=linear.bias.dtype, device=device))
     return f"refitted output layer {head}: mean squared error to the original outputs {before:.3g} -> {after:.3g}"
-
-
-def _mean_loss(original: nn.Module, converted: nn.Module, data: Batches) -> float:
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in data:
-            target = _output(original(*batch))
-            total += float(F.mse_loss(_output(converted(*batch)), target, reduction="sum"))
-            count += target.numel()
-    return total / max(count, 1)
-
-
-def distill(original: nn.Module, converted: nn.Module, layers: list[NewLayer], data: Batches, steps: int,
-            progress: Progress | None = None) -> str:
-    """Train only the new layers' scale and shift for ``steps`` Adam steps to match the original outputs (mean
-    squared error on the unlabeled data); kept only if it lowers that error over the whole data."""
-    params = [p for layer in layers for p in (layer.module.weight, layer.module.bias)]
-    saved = [p.detach().clone() for p in params]
-    frozen = {p: p.requires_grad for p in converted.parameters()}
-    for p in converted.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=DISTILL_LR)
-    try:
-        with _eval(original, converted):
-            before = _mean_loss(original, converted, data)
-            step = 0
-            while step < steps:
-                for batch in data:
-                    with torch.no_grad():
-                        target = _output(original(*batch))
-                    loss = F.mse_loss(_output(converted(*batch)), target)
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    step += 1
-                    if progress:
-                        progress(step, steps, "distilling")
-                    if step >= steps:
-                        break
-            after = _mean_loss(original, converted, data)
-            if not after < before:
-                with torch.no_grad():
-                    for p, value in zip(params, saved):
-                        p.copy_(value)
-                return (f"distillation for {steps} steps did not lower the output error ({after:.3g} vs "
-                        f"{before:.3g}); the calibrated parameters were kept")
-    finally:
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
-    return (f"distilled the new layers' scale and shift for {steps} steps: output mean squared error "
-            f"{before:.3g} -> {after:.3g}")
 
 
 def layer_drift(original: nn.Module, converted: nn.Module, layers: list[NewLayer],
