@@ -39,7 +39,7 @@ import normswap  # noqa: E402
 
 VARIANTS = ("bn-train", "bn-frozen", "bn-reestimated", "gn-fresh", "gn-calibrated", "gn-distilled")
 DOMAINS = ("rotated+noisy", "inverted")
-LEARNING_RATES = (1e-4, 3e-4, 1e-3)
+LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3)
 GROUPS = 4
 BATCH = 2
 
@@ -149,6 +149,7 @@ def run(setting: Setting, log=print) -> dict[tuple[str, str], list[Outcome]]:
             test_x = shift(x_test, domain, seed + 100)
             for variant in VARIANTS:
                 best: Outcome | None = None
+                best_val = -1.0
                 prepared = prepare(variant, original, unlabeled, labeled_x, setting)
                 before = accuracy(prepared, test_x, y_test)
                 for lr in LEARNING_RATES:
@@ -158,7 +159,7 @@ def run(setting: Setting, log=print) -> dict[tuple[str, str], list[Outcome]]:
                     chosen_by = accuracy(net, val_x, val_y)
                     outcome = Outcome(lr, accuracy(net, test_x, y_test), accuracy(net, x_test, y_test), before,
                                       curve)
-                    if best is None or chosen_by > best_val:
+                    if chosen_by > best_val:
                         best, best_val = outcome, chosen_by
                 results.setdefault((domain, variant), []).append(best)
                 log(f"seed {seed} {domain:14s} {variant:15s} lr {best.lr:g}: new {best.new_domain:.3f} "
