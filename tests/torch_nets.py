@@ -176,3 +176,9 @@ class MLP(nn.Module):
 INPUTS = {"resnet": (1, 8, 8), "mobilenet": (1, 8, 8), "densenet": (1, 8, 8), "unet": (1, 8, 8),
           "audio": (1, 32), "volume": (1, 4, 4, 4), "mlp": (20,)}
 ALL_ARCHITECTURES = dict(ARCHITECTURES, audio=AudioNet, volume=VolumeNet, mlp=MLP)
+
+
+def agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    """Share of samples on which two networks (in eval mode) pick the same class."""
+    with torch.no_grad():
+        return float((a.eval()(x).argmax(1) == b.eval()(x).argmax(1)).float().mean())

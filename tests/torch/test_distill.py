@@ -1,31 +1,13 @@
 """Distillation: every parameter (or the norms) trained towards the original, guarded by held-out data."""
-import sys
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 import normswap  # noqa: E402
+from tests.torch_nets import agreement  # noqa: E402
 from normswap.torch.data import Batches  # noqa: E402
 from normswap.torch.distill import split  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent.parent.parent / "fixtures"))
-import make_fixtures  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def trained():
-    (x_train, y_train), (x_test, _) = make_fixtures.digits()
-    torch.manual_seed(0)
-    net = make_fixtures.train(make_fixtures.build_model(), x_train, y_train)
-    return net, torch.from_numpy(x_train[:300]), torch.from_numpy(x_test)
-
-
-def _agreement(a, b, x):
-    with torch.no_grad():
-        return float((a.eval()(x).argmax(1) == b.eval()(x).argmax(1)).float().mean())
 
 
 def test_distilling_every_parameter_is_reported_and_does_not_lose_agreement(trained):
@@ -35,7 +17,7 @@ def test_distilling_every_parameter_is_reported_and_does_not_lose_agreement(trai
     d = distilled.report.calibration.distillation
     assert d.scope == "all" and d.steps == 100 and d.heldout_samples == 300 // 7
     assert d.kept and d.best_step > 0 and d.heldout_error_after < d.heldout_error_before
-    assert _agreement(net, distilled.model, held) >= _agreement(net, calibrated.model, held) - 0.005
+    assert agreement(net, distilled.model, held) >= agreement(net, calibrated.model, held) - 0.005
     changed = set(distilled.report.calibration.layers_changed)
     assert {name for name, m in distilled.model.named_modules() if isinstance(m, torch.nn.Conv2d)} <= changed
     assert distilled.report.to_dict()["calibration"]["distillation"]["scope"] == "all"

@@ -1,29 +1,11 @@
 """The PyTorch path keeps what a trained network learned: digits CNN, held-out agreement."""
-import sys
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 import normswap  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent.parent.parent / "fixtures"))
-import make_fixtures  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def trained():
-    (x_train, y_train), (x_test, _) = make_fixtures.digits()
-    torch.manual_seed(0)
-    net = make_fixtures.train(make_fixtures.build_model(), x_train, y_train)
-    return net, torch.from_numpy(x_train[:300]), torch.from_numpy(x_test)
-
-
-def _agreement(a, b, x):
-    with torch.no_grad():
-        return float((a.eval()(x).argmax(1) == b.eval()(x).argmax(1)).float().mean())
+from tests.torch_nets import agreement  # noqa: E402
 
 
 @pytest.mark.slow
@@ -39,7 +21,7 @@ def test_calibration_and_distillation_keep_the_function(trained):
     calibrated = normswap.convert(net, to="group", groups="auto", calibration=calib, validate=False)
     distilled = normswap.convert(net, to="group", groups="auto", calibration=calib, distill_steps=150,
                                  validate=False)
-    scores = [_agreement(net, r.model, held) for r in (opacus, copied, calibrated, distilled)]
+    scores = [agreement(net, r.model, held) for r in (opacus, copied, calibrated, distilled)]
     assert scores[0] < 0.6 and scores[1] < 0.6  # forgetting, without calibration
     assert scores[2] >= 0.97
     assert scores[3] >= scores[2] - 0.003  # distillation is kept only if it lowers the output error
