@@ -84,7 +84,10 @@ def nonfinite_problem(params: list[np.ndarray], eps: float) -> str | None:
 def scaled_max_abs(weight: np.ndarray, s: np.ndarray, scale_shape: tuple[int, ...]) -> float:
     """``max |weight * s.reshape(scale_shape)|`` without forming the product: the per-channel extremes of
     ``weight`` (reduced over the axes where ``scale_shape`` is 1) times ``|s|``. ``weight`` must already be viewed
-    so that ``s.reshape(scale_shape)`` broadcasts against it."""
+    so that ``s.reshape(scale_shape)`` broadcasts against it. 0 when no ``|s|`` exceeds 1: scaling by at most 1
+    cannot take a weight out of its dtype's range, so the weight is not read at all."""
+    if float(np.max(np.abs(s), initial=0.0)) <= 1.0:
+        return 0.0
     axes = tuple(k for k, d in enumerate(scale_shape) if d == 1)
     hi = np.asarray(np.max(weight, axis=axes, keepdims=True), np.float64)
     lo = np.asarray(np.min(weight, axis=axes, keepdims=True), np.float64)

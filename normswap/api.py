@@ -332,13 +332,9 @@ def inspect(model) -> InspectReport:
     from .onnx.io import opset_of
     scratch, source, _ = _load(model, copy=True)
     opset, ir_version = opset_of(scratch), scratch.ir_version
-    from .onnx.admission import checker_problem, runtime_problem
-    problem = checker_problem(scratch)
-    if problem:
-        refused = runtime_problem(scratch if isinstance(model, onnx.ModelProto) or _graphsurgeon_graph(model)
-                                  else Path(source))
-        problem = (f"the model is invalid and onnxruntime refuses it ({refused}); onnx.checker: {problem}" if refused
-                   else f"onnx.checker objects to the model ({problem}); onnxruntime loads it")
+    from .onnx.admission import assess
+    in_memory = isinstance(model, onnx.ModelProto) or _graphsurgeon_graph(model)
+    problem, _ = assess(scratch, scratch if in_memory else Path(source))
     records = convert_in_place(scratch, "fold").records
     sites = [{"name": r.name, "op": r.op, "graph": r.graph, "channels": r.channels, "producer": r.producer,
               "producer_op": r.producer_op, "foldable": r.action == "folded", "action_under_fold": r.action,

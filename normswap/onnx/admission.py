@@ -42,16 +42,23 @@ def runtime_problem(model: onnx.ModelProto | str | os.PathLike) -> str | None:
     return None
 
 
-def admit(model: onnx.ModelProto, source: onnx.ModelProto | str | os.PathLike) -> str | None:
-    """Refuse (``InvalidModelError``) a model that onnx.checker and onnxruntime both refuse; return a note when
-    only the checker objects; None when it is accepted. ``source``: what onnxruntime should load (the file the
-    model was read from, or the proto)."""
+def assess(model: onnx.ModelProto, source: onnx.ModelProto | str | os.PathLike) -> tuple[str | None, bool]:
+    """(what is wrong with the input model, in one line, or None; whether onnxruntime refuses it too).
+    ``source``: what onnxruntime should load (the file the model was read from, or the proto)."""
     problem = checker_problem(model)
     if problem is None:
-        return None
+        return None, False
     refused = runtime_problem(source)
     if refused:
+        return f"the input model is invalid and onnxruntime refuses it ({refused}); onnx.checker: {problem}", True
+    return f"onnx.checker objects to the input model ({problem}); onnxruntime loads it", False
+
+
+def admit(model: onnx.ModelProto, source: onnx.ModelProto | str | os.PathLike) -> str | None:
+    """Refuse (``InvalidModelError``) a model that onnx.checker and onnxruntime both refuse; return a note when
+    only the checker objects; None when it is accepted."""
+    problem, refused = assess(model, source)
+    if refused:
         from ..errors import InvalidModelError
-        raise InvalidModelError(f"the input model is invalid and onnxruntime refuses it ({refused}); fix the model "
-                                f"first (onnx.checker: {problem})")
-    return f"onnx.checker objects to the input model ({problem}); onnxruntime loads it, so it was converted"
+        raise InvalidModelError(f"{problem}; fix the model first")
+    return f"{problem}, so it was converted" if problem else None

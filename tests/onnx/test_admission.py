@@ -44,7 +44,7 @@ def test_cli_no_validate_writes_nothing_for_a_refused_model_and_inspect_warns(tm
     assert r.returncode == 3 and not dst.exists()
     assert r.stderr.count("\n") == 1 and "Duplicate definition" in r.stderr
     r = subprocess.run([sys.executable, "-m", "normswap.cli", "inspect", str(src)], capture_output=True, text=True)
-    assert r.returncode == 0 and "warning: the model is invalid and onnxruntime refuses it" in r.stderr
+    assert r.returncode == 0 and "warning: the input model is invalid and onnxruntime refuses it" in r.stderr
 
 
 def test_a_model_only_the_checker_objects_to_is_converted_with_a_note():

@@ -38,9 +38,7 @@ class ConvMatch:
 
 
 def _weight_peak(site: BnSite, weight: np.ndarray, op_type: str, group: int) -> float:
-    """Largest |folded weight|, without forming it (nothing grows where every |s| <= 1)."""
-    if float(np.max(np.abs(site.s), initial=0.0)) <= 1.0:
-        return 0.0
+    """Largest |folded weight|, without forming it (0 where every |s| <= 1: nothing grows)."""
     if op_type == "Conv":
         return scaled_max_abs(weight, site.s, (site.channels,) + (1,) * (weight.ndim - 1))
     c_in, per_group = weight.shape[0], weight.shape[1]

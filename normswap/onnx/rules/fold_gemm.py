@@ -75,9 +75,7 @@ def match(site: BnSite) -> MatrixMatch | Skip | None:
         if bias is None:  # C varies along rows too: keep its full shape
             bias = c64
     w_type = elem_type_of(weight)
-    peak = 0.0
-    if float(np.max(np.abs(site.s), initial=0.0)) > 1.0:  # nothing grows where every |s| <= 1
-        peak = scaled_max_abs(weight, site.s, (n, 1) if transposed else (1, n))
+    peak = scaled_max_abs(weight, site.s, (n, 1) if transposed else (1, n))
     folded_bias = fold_bias(bias, site.s, site.t)
     too_large = (overflow_skip(f"folding would take the {node.op_type}'s weight to", peak, w_type)
                  or overflow_skip(f"folding would take the {node.op_type}'s bias to",
