@@ -61,7 +61,8 @@ def distill_variant(original, converted, norm_params, data, steps, scope="all", 
     while step < steps:
         for batch in train:
             if VARIANT == "cosine":
-                for g, lr in zip(opt.param_groups, base_lrs): g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                for g, lr in zip(opt.param_groups, base_lrs):
+                    g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
             if VARIANT == "proto_shift":
                 dx, dy = [int(v) for v in torch.randint(-2, 3, (2,))]
                 batch = (torch.roll(batch[0], shifts=(dy, dx), dims=(2, 3)),)
@@ -111,7 +112,8 @@ for name in NETS:
         net = make_fixtures.train(builds[name](), x_train, y_train, seed=seed)
         cal = normswap.convert(net, to="layer", calibration=data, validate=False)
         a0 = _torch_agreement(net, cal.model, x_test)
-        r = normswap.convert(net, to="layer", calibration=data, validate=False, distill_steps=int(sys.argv[3]) if len(sys.argv) > 3 else 300)
+        steps = int(sys.argv[3]) if len(sys.argv) > 3 else 300
+        r = normswap.convert(net, to="layer", calibration=data, validate=False, distill_steps=steps)
         a1 = _torch_agreement(net, r.model, x_test)
         d = r.report.calibration.distillation
         gains.append(a1 - a0)

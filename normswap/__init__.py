@@ -1,18 +1,21 @@
 """normswap: rewrite the BatchNorm layers of trained networks -- fold, affine -- and validate the result.
 
-Public API: ``inspect``, ``convert``, ``validate``, ``restore`` (PyTorch), the report types and the errors.
+Public API: ``inspect``, ``convert``, ``compare``, ``validate``, ``restore`` (PyTorch), the report types and the errors.
 """
 from . import validate as _validate_package  # noqa: F401 -- imported first, so the function below keeps the name
-from .api import ConversionResult, convert, inspect, restore, validate
+from .api import ConversionResult, batch_sensitivity, convert, inspect, restore, validate
+from .comparison import compare
 from .errors import (InvalidModelError, NormswapError, OutputError, UnsupportedError, UsageError,
                      ValidationFailedError)
-from .report import ConversionReport, InspectReport, LayerRecord, OutputComparison, ValidationReport
+from .report import (CompareReport, CompareRow, ConversionReport, InspectReport, LayerRecord, LayerSensitivity,
+                     OutputComparison, SensitivityReport, ValidationReport)
 from .targets import TARGETS, Target
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConversionReport", "ConversionResult", "InspectReport", "InvalidModelError", "LayerRecord", "NormswapError",
-    "OutputComparison", "OutputError", "TARGETS", "Target", "UnsupportedError", "UsageError",
-    "ValidationFailedError", "ValidationReport", "convert", "inspect", "restore", "validate",
+    "CompareReport", "CompareRow", "ConversionReport", "ConversionResult", "InspectReport", "InvalidModelError",
+    "LayerRecord", "LayerSensitivity", "NormswapError", "OutputComparison", "OutputError", "SensitivityReport",
+    "TARGETS", "Target", "UnsupportedError", "UsageError", "ValidationFailedError", "ValidationReport",
+    "batch_sensitivity", "compare", "convert", "inspect", "restore", "validate",
 ]

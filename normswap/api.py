@@ -18,7 +18,8 @@ from .errors import option
 from .errors import UnsupportedError, UsageError, ValidationFailedError
 from .activation_store import DEFAULT_MEMORY_BUDGET
 from .progress import auto_progress
-from .report import ConversionReport, InspectReport, ValidationReport
+from .batch_sensitivity import DEFAULT_BATCHES, DEFAULT_BATCH_SIZES
+from .report import ConversionReport, InspectReport, SensitivityReport, ValidationReport
 from .targets import (LAYER_OVER, REPLACEMENT_TARGETS, TARGET_NAMES, ReplaceOptions, auto_groups_note, get_target,
                       resolve_groups)
 
@@ -321,10 +322,42 @@ def validate(reference: ModelLike, candidate: ModelLike, *, provider: str = "aut
                                    min_cosine=min_cosine, min_agreement=min_agreement)
 
 
-def inspect(model) -> InspectReport:
+def batch_sensitivity(model, data, *, batch_sizes=DEFAULT_BATCH_SIZES, batches: int = DEFAULT_BATCHES,
+                      seed: int = 0, provider: str = "auto", progress: Progress | bool | None = None
+                      ) -> SensitivityReport:
+    """For every BatchNorm of ``model`` (ONNX path / ModelProto, or a torch module): how far its output, and the
+    model's, move when the statistics of a batch of each size in ``batch_sizes`` replace its running statistics
+    -- what training at that batch size does to it -- averaged over ``batches`` batches drawn from ``data``
+    (ONNX: .npz path or mapping of input name to array; torch: a tensor or tuple of tensors). Layers are ranked
+    by it and those that make small-batch training unreliable are named (``SensitivityReport.unreliable``)."""
+    from .batch_sensitivity import check_batches, parse_batch_sizes
+    sizes = parse_batch_sizes(batch_sizes)
+    check_batches(batches)
+    progress = None if progress is False or progress is None else progress
+    if _is_torch_module(model):
+        from .torch.sensitivity import batch_sensitivity_torch
+        return batch_sensitivity_torch(model, data, sizes, batches, seed, progress)
+    from .onnx.sensitivity import batch_sensitivity_onnx
+    from .validate.providers import select_providers
+    original, source, _ = _load(model, copy=False)
+    feeds = _calibration_data(data, original)
+    return batch_sensitivity_onnx(original, source, feeds, sizes, batches, seed, select_providers(provider).providers,
+                                  progress)
+
+
+def inspect(model, *, batch_sensitivity_data=None, batch_sizes=DEFAULT_BATCH_SIZES,
+            batches: int = DEFAULT_BATCHES, seed: int = 0, provider: str = "auto") -> InspectReport:
     """ONNX: every normalization site and what ``--to fold`` would do with it (computed by the real conversion on
     a scratch copy, so inspect and convert always agree). torch module: every layer that couples the samples of
-    a batch in training -- all BatchNorm forms, including affine=False and frozen ones."""
+    a batch in training -- all BatchNorm forms, including affine=False and frozen ones. With
+    ``batch_sensitivity_data``: also each BN's batch-size sensitivity (``batch_sensitivity``), in
+    ``report.batch_sensitivity``."""
+    if batch_sensitivity_data is not None:
+        sensitivity = batch_sensitivity(model, batch_sensitivity_data, batch_sizes=batch_sizes, batches=batches,
+                                        seed=seed, provider=provider)
+        report = inspect(model)
+        report.batch_sensitivity = sensitivity
+        return report
     if _is_torch_module(model):
         from .torch.api import inspect_torch
         return InspectReport(type(model).__name__, 0, 0, inspect_torch(model))

@@ -126,7 +126,8 @@ def _validation_options(f):
                      help=f"Exact checks: elementwise relative tolerance (with --atol, default {DEFAULT_ATOL:g})."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs."),
         click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
-                     help="Write the JSON report to this file ('-' for stdout, which silences the table)."),
+                     help="Write the report to this file: JSON, or a self-contained page with plots when it ends "
+                          "in .html ('-': JSON on stdout, which silences the table)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -148,10 +149,19 @@ def _plan_report(plan, report_path: str | None) -> None:
         plan.add(report_path, "--report")
 
 
-def _write_report(report, path: str | None) -> None:
+def _is_html(path: str | None) -> bool:
+    return path is not None and path.lower().endswith((".html", ".htm"))
+
+
+def _write_report(report, path: str | None, **context) -> None:
+    """JSON, or one self-contained HTML page when the name ends in .html / .htm."""
     if path is None:
         return
-    text = report.to_json() + "\n"
+    if _is_html(path):
+        from .html_report import render
+        text = render(report, **context)
+    else:
+        text = report.to_json() + "\n"
     if path == "-":
         click.echo(text, nl=False)
         return
@@ -353,18 +363,47 @@ def _model_source(model: str | None, torch_model: str | None) -> None:
 Examples:
   normswap inspect model.onnx
   normswap inspect model.onnx --json > sites.json
+  normswap inspect model.onnx --batch-sensitivity data.npz --batch-sizes 1,2,4,8,32 --report sensitivity.html
   normswap inspect --torch-model torchvision.models:resnet18""")
 @click.argument("model", type=click.Path(dir_okay=False), required=False)
 @_torch_options
 @click.option("--json", "as_json", is_flag=True, help="Print the sites as JSON.")
-def inspect(model: str | None, torch_model: str | None, weights: str | None, as_json: bool) -> None:
+@click.option("--batch-sensitivity", "sensitivity_data", type=click.Path(dir_okay=False), default=None,
+              metavar="DATA.npz",
+              help="Measure how far each BN (and the model output) moves when a batch of each size supplies its "
+                   "statistics -- what training at that batch size does (samples keyed by input name).")
+@click.option("--batch-sizes", default="1,2,4,8,32", show_default=True, help="With --batch-sensitivity.")
+@click.option("--batches", type=int, default=8, show_default=True,
+              help="With --batch-sensitivity: batches drawn per batch size (at least 64 samples per size).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing the batches.")
+@click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True,
+              help="ONNX Runtime provider for --batch-sensitivity.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the report to this file: JSON, or a self-contained page with plots when it ends in .html.")
+def inspect(model: str | None, torch_model: str | None, weights: str | None, as_json: bool,
+            sensitivity_data: str | None, batch_sizes: str, batches: int, seed: int, provider: str,
+            report_path: str | None) -> None:
     """List every normalization site: op, channels, producer, and whether it folds (and why not). With
-    --torch-model: every layer that couples the samples of a batch in training."""
+    --torch-model: every layer that couples the samples of a batch in training. With --batch-sensitivity: rank
+    the BatchNorms by how much small training batches disturb them."""
     from .api import inspect as inspect_model
+    from .batch_sensitivity import check_batches, parse_batch_sizes
+    from .paths import WritePlan, external_files
     _model_source(model, torch_model)
-    report: InspectReport = inspect_model(_torch_module(torch_model, weights) if torch_model else model)
-    if as_json:
-        click.echo(report.to_json())
+    sizes = parse_batch_sizes(batch_sizes)
+    check_batches(batches)
+    reads = [_path(model), *(external_files(Path(model)) if model else []), _path(weights), _path(sensitivity_data)]
+    _plan_report(WritePlan([r for r in reads if r is not None]), report_path)
+    target = _torch_module(torch_model, weights) if torch_model else model
+    data = None
+    if sensitivity_data is not None:
+        data = _torch_args(target, {}, sensitivity_data, seed) if torch_model else sensitivity_data
+    report: InspectReport = inspect_model(target, batch_sensitivity_data=data, batch_sizes=sizes, batches=batches,
+                                          seed=seed, provider=provider)
+    _write_report(report, report_path)
+    if as_json or report_path == "-":
+        if report_path != "-":
+            click.echo(report.to_json())
         return
     if report.problem:
         click.echo(f"warning: {report.problem}", err=True)
@@ -375,14 +414,119 @@ def inspect(model: str | None, torch_model: str | None, weights: str | None, as_
                ["layer", "type", "C", "couples samples", "affine", "running stats", "frozen", "why"])
         coupled = sum(s["couples_samples"] for s in report.sites)
         click.echo(f"{len(report.sites)} normalization layer(s), {coupled} couple the samples of a batch in training")
+    else:
+        click.echo(f"{report.source}: opset {report.opset}, IR version {report.ir_version}")
+        _table([[s["name"], s["op"], _fmt(s["channels"], "d"),
+                 f"{s['producer_op'] or '-'} {s['producer'] or ''}".strip(), s["action_under_fold"], s["reason"]]
+                for s in report.sites], ["layer", "op", "C", "producer", "under --to fold", "reason"],
+               name_columns=(0, 3))
+        click.echo(f"{len(report.sites)} normalization site(s), {sum(s['foldable'] for s in report.sites)} foldable")
+        for line in _totals(report.sites):
+            click.echo(line)
+    if report.batch_sensitivity is not None:
+        _print_sensitivity(report.batch_sensitivity)
+    if report_path is not None:
+        click.echo(f"wrote {report_path}")
+
+
+def _print_sensitivity(s) -> None:
+    """The layers ranked by model-output error at the smallest batch size, and the verdict."""
+    click.echo(f"\nbatch-size sensitivity ({s.batches} batches per size from {s.samples} samples): relative error "
+               "of the model output when one BN uses the batch's statistics")
+    _table([[layer.name, _fmt(layer.channels, "d")] + [_fmt(layer.model_error.get(b), ".3f") for b in s.batch_sizes]
+            + [_fmt(layer.unreliable_up_to, "d")] for layer in s.ranked()],
+           ["layer", "C"] + [f"@{b}" for b in s.batch_sizes] + ["unreliable up to"])
+    for note in s.notes:
+        click.echo(f"note: {note}")
+    bad = s.unreliable()
+    if not bad:
+        click.echo(f"no layer flips the top-1 class of more than {1 - s.unreliable_agreement:.0%} of samples (or, "
+                   f"without class scores, moves the output by {s.unreliable_error:.0%}) at batch sizes "
+                   f"{', '.join(map(str, s.batch_sizes))}")
         return
-    click.echo(f"{report.source}: opset {report.opset}, IR version {report.ir_version}")
-    _table([[s["name"], s["op"], _fmt(s["channels"], "d"), f"{s['producer_op'] or '-'} {s['producer'] or ''}".strip(),
-             s["action_under_fold"], s["reason"]] for s in report.sites],
-           ["layer", "op", "C", "producer", "under --to fold", "reason"], name_columns=(0, 3))
-    click.echo(f"{len(report.sites)} normalization site(s), {sum(s['foldable'] for s in report.sites)} foldable")
-    for line in _totals(report.sites):
-        click.echo(line)
+    worst = max(layer.unreliable_up_to for layer in bad)
+    names = ", ".join(layer.name for layer in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    click.echo(f"unreliable for small-batch training: {len(bad)} of {len(s.layers)} BN layer(s) flip the top-1 "
+               f"class of more than {1 - s.unreliable_agreement:.0%} of samples (or, without class scores, move the "
+               f"output by {s.unreliable_error:.0%} or more) at batch sizes up to {worst}: {names}; replace them "
+               "(normswap compare MODEL --calibrate DATA)")
+
+
+@main.command(epilog="""\b
+Examples:
+  normswap compare model.onnx --calibrate unlabeled.npz --inputs heldout.npz
+  normswap compare model.onnx --targets fold,group,layer --groups auto --calibrate unlabeled.npz \\
+      --inputs heldout.npz --report compare.html
+  normswap compare model.onnx --purpose deploy --targets fold,affine,weight""")
+@click.argument("model", type=click.Path(dir_okay=False), required=False)
+@_torch_options
+@click.option("--targets", default=",".join(TARGET_NAMES), show_default=True,
+              help="Comma-separated targets to compare.")
+@click.option("--groups", type=str, default=None, metavar="G|auto",
+              help=f"For the group target: G groups (default {DEFAULT_GROUPS}) or 'auto' (chosen by fit).")
+@click.option("--calibrate", "calibration", type=click.Path(dir_okay=False), default=None,
+              help="Unlabeled samples (.npz keyed by input name): the replacement targets are calibrated on them.")
+@click.option("--purpose", type=click.Choice(["finetune", "deploy"]), default="finetune", show_default=True,
+              help="What the recommendation is for: fine-tuning at small batch sizes, or inference.")
+@click.option("--no-latency", is_flag=True, help="Do not time the models.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True,
+              help="ONNX Runtime provider: auto uses CUDA when it is really usable, else CPU.")
+@click.option("--inputs", "inputs", type=click.Path(dir_okay=False), default=None,
+              help="Held-out inputs (.npz keyed by input name) on which agreement is measured.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
+              help="Shape for an input with symbolic dimensions (repeatable).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the report to this file: JSON, or a self-contained page with plots when it ends in "
+                   ".html ('-': JSON on stdout).")
+def compare(model: str | None, torch_model: str | None, weights: str | None, targets: str, groups: str | None,
+            calibration: str | None, purpose: str, no_latency: bool, quiet: bool, provider: str,
+            inputs: str | None, input_shapes: tuple[str, ...], seed: int, report_path: str | None) -> None:
+    """Convert MODEL to each target, measure what each keeps and costs, and recommend one."""
+    from .comparison import compare as compare_targets
+    from .comparison import parse_targets
+    from .paths import WritePlan, external_files
+    _model_source(model, torch_model)
+    names = parse_targets(targets)
+    if "group" in names:
+        resolve_groups("group", groups, None)
+    reads = [_path(model), *(external_files(Path(model)) if model else []), _path(weights), _path(calibration),
+             _path(inputs)]
+    _plan_report(WritePlan([r for r in reads if r is not None]), report_path)
+    shapes = _shapes(input_shapes)
+    if torch_model:
+        module = _torch_module(torch_model, weights)
+        target, calib = module, (_torch_args(module, {}, calibration, seed) if calibration else None)
+        held = _torch_args(module, {}, inputs, seed) if inputs else None
+        example = _torch_args(module, shapes, None, seed)
+        extra = {"example_inputs": example}
+    else:
+        target, calib, held, extra = model, calibration, inputs, {"input_shapes": shapes}
+    with _progress(quiet or report_path == "-") as progress:
+        report = compare_targets(target, names, groups=groups, calibration=calib, inputs=held, provider=provider,
+                                 seed=seed, purpose=purpose, latency=not no_latency, progress=progress, **extra)
+    _write_report(report, report_path)
+    if report_path == "-":
+        return
+    _table([[r.target, "yes" if r.exact else "no", _fmt(r.top1_agreement, ".2%"), _fmt(r.cosine, ".5f"),
+             r.groups or "-", "yes" if r.batch_independent else "no", f"{r.parameters:,}", str(r.nodes),
+             _fmt(r.latency_ms, ".3g"), _fmt(r.calibration_seconds, ".2f"),
+             _verdict(r.passed) + ("" if not r.kept else f" ({r.kept} BN kept)")] for r in report.rows],
+           ["target", "exact", "top-1", "cosine", "groups", "batch-indep.", "params", "nodes", "ms/batch",
+            "calib s", "result"])
+    original = next((r.original_latency_ms for r in report.rows if r.original_latency_ms is not None), None)
+    if original is not None:
+        click.echo(f"latency: per batch of {report.latency_batch}, {report.latency_source}, fastest of several "
+                   f"rounds; the original takes {original:.3g} ms")
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    if report.recommended:
+        click.echo(f"recommended for {purpose}: {report.recommended} -- {report.reason}")
+    else:
+        click.echo(f"no recommendation for {purpose}: {report.reason}")
+    if report_path is not None:
+        click.echo(f"wrote {report_path}")
 
 
 @main.command(epilog="""\b
@@ -617,7 +761,7 @@ def validate(reference: str, candidate: str, check: str, min_cosine: float | Non
     if report_path != "-":
         _print_validation(report)
         click.echo({True: "passed", False: "FAILED", None: "measured (no gate given)"}[report.passed])
-    _write_report(report, report_path)
+    _write_report(report, report_path, reference=reference, candidate=candidate)
     if report.passed is False:
         sys.exit(EXIT_VALIDATION_FAILED)
 

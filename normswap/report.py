@@ -20,6 +20,11 @@ class _Json:
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
+    def to_html(self) -> str:
+        """One self-contained HTML page: summary, tables and inline SVG plots (``html_report``)."""
+        from .html_report import render
+        return render(self)
+
 
 @dataclass
 class LayerRecord:
@@ -160,6 +165,7 @@ class CalibrationReport:
     spilled_bytes: int = 0  # activations kept on disk, at most
     activations: str = ""  # where activations lived: "memory", "memory and disk", "cuda memory", ...
     peak_rss_bytes: int = 0  # the process's peak resident memory when calibration ended
+    shared_with: int = 1  # conversions calibrated on the same run of the original (normswap compare)
 
 
 @dataclass
@@ -232,3 +238,91 @@ class InspectReport(_Json):
     ir_version: int
     sites: list[dict]
     problem: str | None = None  # what onnx.checker (and onnxruntime, if it refuses too) object to in the model
+    batch_sensitivity: SensitivityReport | None = None  # inspect --batch-sensitivity
+
+
+@dataclass
+class CompareRow:
+    """One target of ``normswap.compare``: what it keeps of the original and what it costs."""
+
+    target: str
+    exact: bool
+    top1_agreement: float | None  # on the first output, against the original, on the held-out inputs
+    cosine: float | None
+    groups: str | None  # group counts of the converted layers, most frequent first: "32 x18, 16 x2"
+    batch_independent: bool  # no BatchNormalization left (nothing couples the samples of a batch in training)
+    parameters: int
+    nodes: int  # graph nodes (ONNX) or modules (torch) after conversion
+    latency_ms: float | None  # per batch, fastest of several rounds (None: not measured or could not run)
+    original_latency_ms: float | None
+    calibration_seconds: float | None  # what this target's calibration costs alone (None: not calibrated)
+    calibrated: bool
+    passed: bool | None  # exact targets: within the float64 noise floor; others: None (measured, no gate)
+    kept: int  # BatchNorm sites left as they were
+    converted: int  # BatchNorm sites rewritten
+    problem: str | None = None
+    layer_cosine: dict[str, float] = field(default_factory=dict)  # per-layer drift (replacement targets)
+    report: ConversionReport | None = None  # the full conversion report (not in the JSON)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "report"}
+        d["function_preserved"] = None if self.report is None else self.report.function_preserved
+        return d
+
+
+@dataclass
+class CompareReport(_Json):
+    """``normswap compare``: a row per target and the recommended one, with its reason."""
+
+    source: str
+    purpose: str  # "finetune" or "deploy": what the recommendation is for
+    rows: list[CompareRow]
+    recommended: str | None
+    reason: str
+    notes: list[str] = field(default_factory=list)
+    latency_batch: int = 0  # samples per timed run
+    latency_source: str = "onnxruntime"  # what ran the timed models
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "purpose": self.purpose, "recommended": self.recommended,
+                "reason": self.reason, "latency_batch": self.latency_batch, "latency_source": self.latency_source,
+                "rows": [r.to_dict() for r in self.rows], "notes": list(self.notes)}
+
+
+@dataclass
+class LayerSensitivity:
+    """One BatchNorm: how far its output and the model's move when a batch of each size supplies its statistics."""
+
+    name: str
+    op: str
+    channels: int | None
+    depth: int  # position among the model's BatchNorm layers, in execution order
+    layer_error: dict[int, float]  # batch size -> mean relative error of the layer output
+    model_error: dict[int, float]  # batch size -> mean relative error of the model output (this layer alone)
+    top1_agreement: dict[int, float | None]  # batch size -> top-1 agreement of the model output (class scores)
+    unreliable_up_to: int | None  # largest batch size at which it makes training unreliable (None: none measured)
+
+
+@dataclass
+class SensitivityReport(_Json):
+    """``inspect --batch-sensitivity``: every BatchNorm's sensitivity to the batch size, in model order."""
+
+    source: str
+    frontend: str
+    batch_sizes: list[int]
+    batches: int  # batches drawn per batch size
+    samples: int  # samples the batches were drawn from
+    unreliable_error: float  # model-output relative error from which a layer is called unreliable
+    unreliable_agreement: float  # top-1 agreement below which a layer is called unreliable
+    layers: list[LayerSensitivity]
+    notes: list[str] = field(default_factory=list)
+
+    def ranked(self) -> list[LayerSensitivity]:
+        """Most sensitive first: by model-output error at the smallest measured batch size."""
+        if not self.batch_sizes:
+            return list(self.layers)
+        b = self.batch_sizes[0]
+        return sorted(self.layers, key=lambda r: -r.model_error.get(b, 0.0))
+
+    def unreliable(self) -> list[LayerSensitivity]:
+        return [r for r in self.ranked() if r.unreliable_up_to is not None]

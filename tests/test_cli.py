@@ -366,3 +366,23 @@ def test_inspect_ends_with_totals_by_action_and_by_reason(tmp_path):
     lines = r.stdout.splitlines()
     assert lines[-2] == "by action: affine 1"
     assert lines[-1].startswith("  1 x not foldable: its input is produced by Concat '…'")
+
+
+@pytest.mark.parametrize("args, words", [
+    (("compare", FIXTURES / "digits_resnet.onnx", "--targets", "fold,bogus"), "--targets"),
+    (("compare", FIXTURES / "digits_resnet.onnx", "--groups", "many"), "--groups"),
+    (("inspect", FIXTURES / "digits_resnet.onnx", "--batch-sensitivity", FIXTURES / "digits_heldout.npz",
+      "--batch-sizes", "0,2"), "--batch-sizes"),
+    (("inspect", FIXTURES / "digits_resnet.onnx", "--batch-sensitivity", FIXTURES / "digits_heldout.npz",
+      "--batches", "0"), "--batches")])
+def test_compare_and_sensitivity_usage_errors(args, words):
+    r = cli(*args)
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_compare_json_on_stdout():
+    r = cli("compare", FIXTURES / "digits_resnet.onnx", "--targets", "fold,affine", "--purpose", "deploy",
+            "--inputs", FIXTURES / "digits_heldout.npz", "--report", "-")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert [row["target"] for row in data["rows"]] == ["fold", "affine"] and data["recommended"] in ("fold", "affine")

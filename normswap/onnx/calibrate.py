@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -190,90 +191,167 @@ def _ort_nbytes(value) -> int | None:
         return None
 
 
+@dataclass
+class CalibrationJob:
+    """One converted model to calibrate: its new layers and how (``calibrate_many`` runs several at once)."""
+
+    converted: onnx.ModelProto
+    norms: list[NewNorm]
+    refit_output_layer: bool = True
+    choose_groups: bool = True
+
+
+class _Candidate:
+    """A job's state while it is calibrated: plan, runner, pending sums, the seconds its own runs took."""
+
+    def __init__(self, job: CalibrationJob, tag: str, samples: int | None, batch_size: int) -> None:
+        self.job, self.tag = job, tag
+        self.fitted = [n for n in job.norms if n.graph == "main"]
+        self.report = CalibrationReport(samples or 0, batch_size, 1, 0.0,
+                                        "all" if job.refit_output_layer else "norms")
+        skipped = len(job.norms) - len(self.fitted)
+        if skipped:
+            self.report.notes.append(f"{skipped} layer(s) inside control-flow bodies keep the copied gamma/beta "
+                                     "(calibration reads main-graph values only)")
+        self.inits = {t.name: t for t in job.converted.graph.initializer}
+        self.head = find_head(job.converted) if job.refit_output_layer else None
+        self.opset = opset_of(job.converted)
+        self.seconds = 0.0
+        self.runner: _Runner | None = None
+
+
 def calibrate(reference: onnx.ModelProto | Path, converted: onnx.ModelProto, norms: list[NewNorm],
               data: Mapping[str, np.ndarray], providers: tuple[str, ...], *, batch_size: int = DEFAULT_BATCH_SIZE,
               refit_output_layer: bool = True, choose_groups: bool = True,
               memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: Progress | None = None) -> CalibrationReport:
     """Fit every main-graph NewNorm of ``converted`` (edited in place) to ``reference`` on ``data``."""
+    return calibrate_many(reference, [CalibrationJob(converted, norms, refit_output_layer, choose_groups)], data,
+                          providers, batch_size=batch_size, memory_budget=memory_budget, progress=progress)[0]
+
+
+def calibrate_many(reference: onnx.ModelProto | Path, jobs: list[CalibrationJob], data: Mapping[str, np.ndarray],
+                   providers: tuple[str, ...], *, batch_size: int = DEFAULT_BATCH_SIZE,
+                   memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: Progress | None = None
+                   ) -> list[CalibrationReport]:
+    """Calibrate several conversions of the same original (group, layer, instance...) with one run of the
+    original: every segment of the original runs once per batch and feeds each candidate's fits. Candidates whose
+    segments do not line up with the first one's (their new layers sit elsewhere) are calibrated by runs of
+    their own. Each report's ``seconds`` is what that calibration costs alone: the original's share counted in
+    full, plus its own runs and fits."""
     start = time.perf_counter()
     samples = sample_count(data)
-    fitted = [n for n in norms if n.graph == "main"]
-    report = CalibrationReport(samples or 0, batch_size, 1, 0.0, "all" if refit_output_layer else "norms")
-    skipped = len(norms) - len(fitted)
-    if skipped:
-        report.notes.append(f"{skipped} layer(s) inside control-flow bodies keep the copied gamma/beta "
-                            "(calibration reads main-graph values only)")
-    inits = {t.name: t for t in converted.graph.initializer}
-    head = find_head(converted) if refit_output_layer else None
-    opset = opset_of(converted)
+    cands = [_Candidate(job, f"c{k}", samples, batch_size) for k, job in enumerate(jobs)]
     with tempfile.TemporaryDirectory(prefix="normswap-calib-") as workdir:
         ref_model = load_model(reference, lazy_external=True).model if isinstance(reference, Path) else reference
         layout = choose_layout(ref_model, data, batch_size, providers, workdir)
-        report.batch_size, report.batch_layout = layout.rows or (samples or 0), layout.note
-        conv_plan, ref_plan, fit_after = _plans(ref_model, converted, fitted, head)
-        centres = _bn_means(ref_model, fitted)
-        device = ort_device(providers)
-        store = ActivationStore(memory_budget, workdir, host_array, lambda a: _ort_value(a, device), _ort_nbytes)
-        ref = _Runner(ref_model, ref_plan, "r", store, providers, workdir, layout.relaxed, layout.reshapes)
-        cand = _Runner(converted, conv_plan, "c", store, providers, workdir, layout.relaxed, layout.reshapes)
-        batches = list(iter_layout(data, layout))
-        count = max(len(conv_plan.segments), len(ref_plan.segments))
-        weights = [1 + len(_segment(ref_plan, s).nodes) + len(_segment(conv_plan, s).nodes) for s in range(count)]
-        total, done, seen = sum(weights) * len(batches), 0, samples or 1
-        for s in range(count):
-            rseg, cseg = _segment(ref_plan, s), _segment(conv_plan, s)
-            here = [CandidateSums(n, _candidates(n, choose_groups), tensor_array(inits[n.shift]).reshape(-1),
-                                  centres[n.y], n.channels, n.eps) for n in fitted if fit_after[n.y] == s]
-            rsess = csess = None
-            for b, (feeds, valid) in enumerate(batches):
-                if rseg.nodes:
-                    if rsess is None:
-                        rmodel = ref.build(rseg)
-                        rsess = (rmodel, ref.session(rmodel, s))
-                    ref.keep(rseg, b, ref.run(rsess[1], rsess[0], b, feeds, {}, rseg.writes))
-                if cseg.nodes or here:
-                    if csess is None:
-                        cmodel, stats = _stats_model(cand, cseg, here, opset, lambda y: store.dtypes[ref.key(y)])
-                        csess = (cmodel, cand.session(cmodel, s), stats)
-                    cmodel, session, stats = csess
-                    targets = {TARGET + t.norm.y: store.get(ref.key(t.norm.y), b) for t in here}
+        plans = [_plans(ref_model, c.job.converted, c.fitted, c.head) for c in cands]
+        shared = [k for k, plan in enumerate(plans) if _same_cut(plan, plans[0], cands[k], cands[0])]
+        alone = [k for k in range(len(cands)) if k not in shared]
+        groups = [shared] + [[k] for k in alone]
+        setup = time.perf_counter() - start
+        for members in groups:
+            _run(ref_model, [cands[k] for k in members], [plans[k] for k in members], layout, data, providers,
+                 workdir, memory_budget, progress, setup)
+    rss = peak_rss()
+    for c in cands:
+        c.report.batch_size, c.report.batch_layout = layout.rows or (samples or 0), layout.note
+        c.report.peak_rss_bytes = rss
+        c.report.seconds = c.seconds
+        if len(jobs) > 1:
+            c.report.shared_with = len(shared) if c in [cands[k] for k in shared] else 1
+    return [c.report for c in cands]
+
+
+def _same_cut(plan, first, cand: _Candidate, first_cand: _Candidate) -> bool:
+    """Whether a candidate can share the original's run with the first: same segment count, every layer fitted
+    after the same segment, the same output kept for the head."""
+    return (len(plan[0].segments) == len(first[0].segments) and plan[2] == first[2]
+            and (cand.head.output if cand.head else None) == (first_cand.head.output if first_cand.head else None))
+
+
+def _run(ref_model: onnx.ModelProto, cands: list[_Candidate], plans: list, layout, data: Mapping[str, np.ndarray],
+         providers: tuple[str, ...], workdir: str, memory_budget: int, progress: Progress | None,
+         setup: float) -> None:
+    """Segment by segment over all batches: the original once, then every candidate; fit after each segment."""
+    start = time.perf_counter()
+    samples = sample_count(data)
+    ref_plan = plans[0][1]
+    device = ort_device(providers)
+    store = ActivationStore(memory_budget, workdir, host_array, lambda a: _ort_value(a, device), _ort_nbytes)
+    ref = _Runner(ref_model, ref_plan, "r", store, providers, workdir, layout.relaxed, layout.reshapes)
+    centres = _bn_means(ref_model, [n for c in cands for n in c.fitted])
+    for c, (conv_plan, _, _) in zip(cands, plans):
+        c.runner = _Runner(c.job.converted, conv_plan, c.tag, store, providers, workdir, layout.relaxed,
+                           layout.reshapes)
+    batches = list(iter_layout(data, layout))
+    count = max([len(p[0].segments) for p in plans] + [len(ref_plan.segments)])
+    weights = [1 + len(_segment(ref_plan, s).nodes) + sum(len(_segment(p[0], s).nodes) for p in plans)
+               for s in range(count)]
+    total, done, seen, ref_seconds = sum(weights) * len(batches), 0, samples or 1, setup
+    for s in range(count):
+        rseg = _segment(ref_plan, s)
+        here = {c.tag: [CandidateSums(n, _candidates(n, c.job.choose_groups),
+                                      tensor_array(c.inits[n.shift]).reshape(-1), centres[n.y], n.channels, n.eps)
+                        for n in c.fitted if plan[2][n.y] == s] for c, plan in zip(cands, plans)}
+        rsess, csess = None, {}
+        for b, (feeds, valid) in enumerate(batches):
+            t0 = time.perf_counter()
+            if rseg.nodes:
+                if rsess is None:
+                    rmodel = ref.build(rseg)
+                    rsess = (rmodel, ref.session(rmodel, s))
+                ref.keep(rseg, b, ref.run(rsess[1], rsess[0], b, feeds, {}, rseg.writes))
+            ref_seconds += time.perf_counter() - t0
+            for c, plan in zip(cands, plans):
+                t0 = time.perf_counter()
+                cseg, sums, cand = _segment(plan[0], s), here[c.tag], c.runner
+                if cseg.nodes or sums:
+                    if c.tag not in csess:
+                        cmodel, stats = _stats_model(cand, cseg, sums, c.opset, lambda y: store.dtypes[ref.key(y)])
+                        csess[c.tag] = (cmodel, cand.session(cmodel, s), stats)
+                    cmodel, session, stats = csess[c.tag]
+                    targets = {TARGET + t.norm.y: store.get(ref.key(t.norm.y), b) for t in sums}
                     values = cand.run(session, cmodel, b, feeds, targets, [o.name for o in cmodel.graph.output])
                     cand.keep(cseg, b, values)
-                    for t in here:
+                    for t in sums:
                         shape, names = stats[t.norm.y]
                         rows, _, positions = (int(d) for d in host_array(values[shape]))
                         t.add(rows if valid is None else valid, positions,
                               {k: host_array(values[v]) for k, v in names.items()})
-                done += weights[s]
-                if progress:
-                    rate = seen * done / total / max(time.perf_counter() - start, 1e-9)
-                    progress(done, total, f"calibrating: segment {s + 1}/{count}, {rate:,.0f} samples/s")
-            rsess = csess = None
-            ref.release(s, len(batches))
-            cand.release(s, len(batches))
-            for t in here:
+                c.seconds += time.perf_counter() - t0
+            done += weights[s]
+            if progress:
+                rate = seen * done / total / max(time.perf_counter() - start, 1e-9)
+                progress(done, total, f"calibrating: segment {s + 1}/{count}, {rate:,.0f} samples/s")
+        rsess = csess = None
+        ref.release(s, len(batches))
+        for c, plan in zip(cands, plans):
+            t0 = time.perf_counter()
+            c.runner.release(s, len(batches))
+            for t in here[c.tag]:
                 n = t.norm
                 chosen, a, shift, sse = solve_candidates(t.fits())
                 if chosen != n.groups:
-                    _apply_groups(converted.graph, inits, n, chosen, sse)
-                overwrite_initializer(inits[n.scale], a)
-                overwrite_initializer(inits[n.shift], shift)
+                    _apply_groups(c.job.converted.graph, c.inits, n, chosen, sse)
+                overwrite_initializer(c.inits[n.scale], a)
+                overwrite_initializer(c.inits[n.shift], shift)
                 n.record.calibrated = True
-                report.layers_changed.append(n.record.name)
-        if head is not None:
-            pairs = ((host_array(store.get(cand.key(head.input), b))[:valid],
-                      host_array(store.get(ref.key(head.output), b))[:valid])
+                c.report.layers_changed.append(n.record.name)
+            c.seconds += time.perf_counter() - t0
+    for c in cands:
+        t0 = time.perf_counter()
+        if c.head is not None:
+            pairs = ((host_array(store.get(c.runner.key(c.head.input), b))[:valid],
+                      host_array(store.get(ref.key(c.head.output), b))[:valid])
                      for b, (_, valid) in enumerate(batches))
-            outcome = refit_head(converted, head, pairs)
-            report.notes.append(outcome)
+            outcome = refit_head(c.job.converted, c.head, pairs)
+            c.report.notes.append(outcome)
             if outcome.startswith("refitted"):
-                report.head = head.name
-                report.layers_changed.append(head.name)
-        report.segments = count
-        report.memory_budget = memory_budget
-        report.peak_activation_bytes = store.peak_memory
-        report.spilled_bytes = store.peak_disk
-        report.activations = store.where()
-    report.peak_rss_bytes = peak_rss()
-    report.seconds = time.perf_counter() - start
-    return report
+                c.report.head = c.head.name
+                c.report.layers_changed.append(c.head.name)
+        c.report.segments = count
+        c.report.memory_budget = memory_budget
+        c.report.peak_activation_bytes = store.peak_memory
+        c.report.spilled_bytes = store.peak_disk
+        c.report.activations = store.where()
+        c.seconds += time.perf_counter() - t0 + ref_seconds

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -25,16 +26,18 @@ VALIDATION_BATCH = 256  # samples per run: bounds memory on large --inputs files
 
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, providers: tuple[str, ...], workdir: str, label: str,
-                 optimize: bool = False):
+                 optimize: bool = False, lean: bool | None = None):
     """An onnxruntime session; graph optimizations disabled unless ``optimize`` (calibration, where speed matters
-    and onnxruntime's fusions change nothing that is compared)."""
+    and onnxruntime's fusions change nothing that is compared; latency). ``lean`` (default: ``optimize``): no
+    spinning threads and no memory arena, for the many short runs of calibration; off for timing."""
     import onnxruntime as ort
     from ..onnx.io import has_bound_data, needs_external_data, save_model
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.log_severity_level = ORT_SILENT
-    if optimize:  # calibration: many short runs with Python work between them, outputs kept between sessions
+    if optimize if lean is None else lean:  # calibration: many short runs with Python work between them,
+        # outputs kept between sessions
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not spin
         options.enable_cpu_mem_arena = False  # kept outputs must not pin a dead session's arena (measured: half
         # the peak memory, and faster, on resnet50)
@@ -65,6 +68,17 @@ def make_feeds(model: onnx.ModelProto, inputs: str | os.PathLike | Mapping[str, 
     return load_npz_inputs(inputs, model), str(inputs)
 
 
+@dataclass
+class Candidate:
+    """One model to compare with the reference, and how (``validate_many``)."""
+
+    model: onnx.ModelProto
+    check: str = "exact"
+    layer_outputs: tuple[str, ...] = ()
+    min_cosine: float | None = None
+    min_agreement: float | None = None
+
+
 def validate_models(reference: onnx.ModelProto | str | os.PathLike, candidate: onnx.ModelProto, *,
                     provider: str = "auto", inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
                     input_shapes: Mapping[str, tuple[int, ...]] | None = None, atol: float | None = None,
@@ -83,12 +97,26 @@ def validate_models(reference: onnx.ModelProto | str | os.PathLike, candidate: o
     their cosine similarity is reported as per-layer drift. ``reference`` may be the path of the unmodified
     original (then the inputs are read off the candidate, which has the same ones).
     """
+    return validate_many(reference, [Candidate(candidate, check, layer_outputs, min_cosine, min_agreement)],
+                         provider=provider, inputs=inputs, input_shapes=input_shapes, atol=atol, rtol=rtol,
+                         seed=seed, batch_size=batch_size, progress=progress,
+                         float64_reference=float64_reference)[0]
+
+
+def validate_many(reference: onnx.ModelProto | str | os.PathLike, candidates: list[Candidate], *,
+                  provider: str = "auto", inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+                  input_shapes: Mapping[str, tuple[int, ...]] | None = None, atol: float | None = None,
+                  rtol: float | None = None, seed: int = 0, batch_size: int = VALIDATION_BATCH, progress=None,
+                  float64_reference: tuple[Float64Reference, str] | None = None) -> list[ValidationReport]:
+    """``validate_models`` for several candidates of one reference: the reference runs once per batch (and is
+    evaluated in float64 once) for all of them; one report per candidate, in order."""
     from ..onnx.activations import Activations, upload
     from ..onnx.batching import fixed_layout, iter_layout, layout_count
     choice = select_providers(provider)
-    feeds, source = make_feeds(reference if isinstance(reference, onnx.ModelProto) else candidate, inputs,
+    first = candidates[0].model
+    feeds, source = make_feeds(reference if isinstance(reference, onnx.ModelProto) else first, inputs,
                                input_shapes, seed)
-    noise_rule = check == "exact" and atol is None and rtol is None
+    noise_rule = any(c.check == "exact" for c in candidates) and atol is None and rtol is None
     atol = DEFAULT_ATOL if atol is None else atol
     rtol = DEFAULT_RTOL if rtol is None else rtol
     f64, f64_what, rule_note = None, None, None
@@ -97,42 +125,54 @@ def validate_models(reference: onnx.ModelProto | str | os.PathLike, candidate: o
             f64, f64_what = float64_reference or onnx_reference(_proto(reference))
         except Unavailable as e:
             rule_note = f"the original could not be evaluated in float64 ({e}): judged elementwise within atol/rtol"
+    layer_outputs = list(dict.fromkeys(n for c in candidates for n in c.layer_outputs))
+    described: dict[int, str] = {}
     with tempfile.TemporaryDirectory(prefix="normswap-") as workdir:
-        ref = Activations(reference, list(layer_outputs), choice.providers, workdir, "reference")
-        cand = Activations(candidate, list(layer_outputs), choice.providers, workdir, "candidate")
-        ran = list(dict.fromkeys(ref.providers + cand.providers))
+        ref = Activations(reference, layer_outputs, choice.providers, workdir, "reference")
+        cands = [Activations(c.model, list(c.layer_outputs), choice.providers, workdir,
+                             "candidate" if len(candidates) == 1 else f"candidate {k + 1}")
+                 for k, c in enumerate(candidates)]
+        ran = list(dict.fromkeys(ref.providers + [p for c in cands for p in c.providers]))
         check_ran(choice, ran)
         out_names = ref.outputs
-        cand_names = set(cand.outputs)
-        missing = [n for n in out_names if n not in cand_names]
-        if missing:
-            raise InvalidModelError(f"the candidate has no output(s) {missing} that the reference has; "
-                                    "compare models with the same outputs")
-        stats = {n: OutputStats(n, atol, rtol, track_spread=n in out_names)
-                 for n in dict.fromkeys(out_names + list(layer_outputs))}
-        layout = fixed_layout(candidate, feeds, batch_size)  # a fixed-batch model is fed its own batch, padded
+        for cand in cands:
+            missing = [n for n in out_names if n not in set(cand.outputs)]
+            if missing:
+                raise InvalidModelError(f"the candidate has no output(s) {missing} that the reference has; "
+                                        "compare models with the same outputs")
+        stats = [{n: OutputStats(n, atol, rtol, track_spread=n in out_names)
+                  for n in dict.fromkeys(out_names + list(c.layer_outputs))} for c in candidates]
+        layout = fixed_layout(first, feeds, batch_size)  # a fixed-batch model is fed its own batch, padded
         runs = layout_count(feeds, layout)
         for k, (batch, valid) in enumerate(iter_layout(feeds, layout), start=1):
-            on_device = upload(batch, ref.device)  # one upload per batch serves both models
-            r = ref.run(on_device, list(stats))
-            c = cand.run(on_device, list(stats))
+            on_device = upload(batch, ref.device)  # one upload per batch serves every model
+            r = ref.run(on_device, list(dict.fromkeys(out_names + layer_outputs)))
+            outs = [cand.run(on_device, list(st)) for cand, st in zip(cands, stats)]
             if progress:
                 progress(k, runs, "validating")
-            for name, st in stats.items():
-                st.add(*(_valid_rows(v[name], valid, layout.rows) for v in (r, c)))
+            for st, c in zip(stats, outs):
+                for name, one in st.items():
+                    one.add(*(_valid_rows(v[name], valid, layout.rows) for v in (r, c)))
             if f64 is not None and k == 1:
                 try:
-                    f64_what = _add_float64(f64, f64_what, batch, valid, layout, r, c, out_names, stats)
+                    reference64 = f64(_first_rows(batch, valid, layout))
+                    for j, (st, c) in enumerate(zip(stats, outs)):
+                        if candidates[j].check == "exact":
+                            described[j] = _add_float64(reference64, f64_what, valid, layout, r, c, out_names, st)
                 except Unavailable as e:
                     f64, rule_note = None, (f"the original could not be evaluated in float64 ({e}): judged "
                                             "elementwise within atol/rtol")
-    comparisons = [stats[n].result(check, min_cosine, min_agreement) for n in out_names]
-    drift = {n: stats[n].cosine for n in layer_outputs}
-    judged = f64 is not None and any(stats[n].f64_samples for n in out_names)
-    return ValidationReport(check, ran, provider, OPTIMIZATION, atol, rtol, source, comparisons,
-                            min_cosine=min_cosine, min_agreement=min_agreement, layer_cosine=drift,
-                            rule="noise floor" if judged else "atol/rtol",
-                            float64_reference=f64_what if judged else None, rule_note=rule_note)
+    reports = []
+    for j, (c, st) in enumerate(zip(candidates, stats)):
+        comparisons = [st[n].result(c.check, c.min_cosine, c.min_agreement) for n in out_names]
+        drift = {n: st[n].cosine for n in c.layer_outputs}
+        judged = f64 is not None and j in described and any(st[n].f64_samples for n in out_names)
+        reports.append(ValidationReport(
+            c.check, ran, provider, OPTIMIZATION, atol, rtol, source, comparisons, min_cosine=c.min_cosine,
+            min_agreement=c.min_agreement, layer_cosine=drift, rule="noise floor" if judged else "atol/rtol",
+            float64_reference=described.get(j) if judged else None,
+            rule_note=rule_note if c.check == "exact" else None))
+    return reports
 
 
 def _proto(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
@@ -142,15 +182,23 @@ def _proto(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     return load_model(model, lazy_external=True).model
 
 
-def _add_float64(f64: Float64Reference, what: str, batch: Mapping[str, np.ndarray], valid: int | None, layout,
+def _take(valid: int | None, layout) -> int | None:
+    """Samples judged in float64: the first few (all of a fixed-batch run, which cannot be cut)."""
+    n = valid if valid is not None else (layout.rows or None)
+    return n if layout.pad or n is None else min(n, FLOAT64_SAMPLES)
+
+
+def _first_rows(batch: Mapping[str, np.ndarray], valid: int | None, layout) -> Mapping[str, np.ndarray]:
+    take = _take(valid, layout)
+    return batch if layout.pad or take is None else {k: v[:take] if np.ndim(v) else v for k, v in batch.items()}
+
+
+def _add_float64(out: Mapping[str, np.ndarray], what: str, valid: int | None, layout,
                  ref: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray], names: list[str],
                  stats: Mapping[str, OutputStats]) -> str:
-    """Evaluate the first samples in float64 (all of a fixed-batch run) and give each output's stats the
-    original's and the candidate's distance to it; returns the description with the sample count."""
-    n = valid if valid is not None else (layout.rows or None)
-    take = n if layout.pad or n is None else min(n, FLOAT64_SAMPLES)
-    part = batch if layout.pad or take is None else {k: v[:take] if np.ndim(v) else v for k, v in batch.items()}
-    out = f64(part)
+    """Give each output's stats the original's and the candidate's distance to the float64 evaluation ``out`` of
+    the first samples; returns the description with the sample count."""
+    take = _take(valid, layout)
     for name in names:
         if name in out:
             rows = (lambda v: v[:take] if take is not None and np.ndim(v) else v)
