@@ -112,7 +112,7 @@ def compare(model, targets=DEFAULT_TARGETS, *, groups: int | str | None = None, 
 
 def _compare_onnx(model, names, groups, calibration, inputs, input_shapes, provider, seed, latency,
                   progress) -> tuple[list[CompareRow], str, list[str], int]:
-    from .api import _calibration_data, _load, _shape_probe
+    from .api import _calibration_data, _graphsurgeon_graph, _load, _shape_probe
     from .onnx.admission import admit
     from .onnx.calibrate import CalibrationJob, calibrate_many
     from .onnx.convert import convert_in_place
@@ -122,7 +122,8 @@ def _compare_onnx(model, names, groups, calibration, inputs, input_shapes, provi
     from .validate.runner import Candidate, validate_many
     original, source, _ = _load(model, copy=False)
     notes = []
-    problem = admit(original, original if isinstance(model, onnx.ModelProto) else source)
+    in_memory = isinstance(model, onnx.ModelProto) or _graphsurgeon_graph(model)
+    problem = admit(original, original if in_memory else source)
     if problem:
         notes.append(problem)
     check_input_shapes(original, input_shapes)

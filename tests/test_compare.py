@@ -123,3 +123,11 @@ def test_uncalibrated_comparison_says_so(digits):
 def test_bad_arguments_are_usage_errors(kwargs, words):
     with pytest.raises(UsageError, match=words):
         normswap.compare(MODEL, **kwargs)
+
+
+def test_compare_accepts_an_onnx_graphsurgeon_graph(digits):
+    gs = pytest.importorskip("onnx_graphsurgeon")
+    import onnx
+    _, held = digits
+    report = normswap.compare(gs.import_onnx(onnx.load(str(MODEL))), "fold", inputs=held, latency=False)
+    assert report.rows[0].passed is True and report.source == "<onnx_graphsurgeon.Graph>"
