@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import UsageError, option
 from ..report import CompareRow
 from ..validate.compare import OutputStats
+from .calibrate import module_device
 from .data import as_args
 from .validate import _outputs, float64_outputs
 
@@ -35,6 +36,8 @@ def compare_torch(module: nn.Module, names: tuple[str, ...], *, groups, calibrat
                              f"{option('example_inputs')})")
         notes.append(f"measured on the example inputs; pass held-out samples ({option('inputs')}) for a "
                      "meaningful agreement")
+    device = module_device(module)
+    held = tuple(a.to(device) for a in held)  # measured where the module's parameters are
     module.eval()
     reference = [o.detach().cpu().numpy() for o in _outputs(module, held)]
     first = tuple(a[:FLOAT64_SAMPLES] for a in held)

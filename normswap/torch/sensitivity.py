@@ -1,8 +1,8 @@
 """Batch-size sensitivity of a torch module's BatchNorms (see ``normswap.batch_sensitivity`` for the measure).
 
 The module runs in eval mode; forward hooks read each BN's input and output, and for the layer measured a hook
-returns the output computed with the batch's statistics (``F.batch_norm(training=True)`` without running
-statistics, so nothing in the module changes).
+returns the output computed with the batch's statistics (written out, so nothing in the module changes and a
+one-sample batch of 2-D input is measured too). Data moves to the module's device.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import nn
 
 from ..batch_sensitivity import Accumulator, batch_count, draw_batches, relative_error, top1
 from ..report import SensitivityReport
+from .calibrate import module_device
 from .data import as_args
 
 
@@ -37,7 +38,8 @@ def _with_batch_stats(x: torch.Tensor, m: nn.modules.batchnorm._BatchNorm) -> to
 
 def batch_sensitivity_torch(module: nn.Module, data, sizes: tuple[int, ...], batches: int, seed: int,
                             progress=None) -> SensitivityReport:
-    args = as_args(data)
+    device = module_device(module)
+    args = tuple(a.to(device) for a in as_args(data))  # the batches run where the module's parameters are
     samples = len(args[0])
     norms = _batch_norms(module)
     acc = Accumulator([(name, type(m).__name__, m.num_features) for name, m in norms])
@@ -66,8 +68,8 @@ def batch_sensitivity_torch(module: nn.Module, data, sizes: tuple[int, ...], bat
         with torch.no_grad():
             for size in usable:
                 for index in draw_batches(samples, size, batches, seed):
-                    rows = torch.from_numpy(index)
-                    batch = tuple(a[rows.to(a.device)] for a in args)
+                    rows = torch.from_numpy(index).to(device)
+                    batch = tuple(a[rows] for a in args)
                     seen.clear()
                     base = _first(module(*batch)).float().cpu().numpy()
                     done += 1
