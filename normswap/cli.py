@@ -439,6 +439,9 @@ def _print_sensitivity(s) -> None:
     for note in s.notes:
         click.echo(f"note: {note}")
     bad = s.unreliable()
+    if not s.batch_sizes:
+        click.echo("no batch size could be measured (see the notes above)")
+        return
     if not bad:
         click.echo(f"no layer flips the top-1 class of more than {1 - s.unreliable_agreement:.0%} of samples (or, "
                    f"without class scores, moves the output by {s.unreliable_error:.0%}) at batch sizes "

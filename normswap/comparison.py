@@ -57,21 +57,35 @@ def batch_independent(report: ConversionReport) -> bool:
     return report.count("kept") == 0
 
 
+def _nothing_converted(rows: list[CompareRow]) -> str:
+    """Why no row is usable: the BatchNorms every target left in place, with the first one's reason."""
+    kept = next((layer for r in rows if r.report is not None for layer in r.report.layers
+                 if layer.action == "kept"), None)
+    if kept is None:
+        return "no target passed validation"
+    return (f"every target left BatchNorm layers in place (e.g. '{kept.name}': {kept.reason}); "
+            "'normswap inspect MODEL' lists them all")
+
+
 def recommend(rows: list[CompareRow], purpose: str) -> tuple[str | None, str]:
-    """(target, one-line reason) from the measured rows."""
-    usable = [r for r in rows if r.passed is not False and r.problem is None]
+    """(target, one-line reason) from the measured rows. A row that failed validation or left a BatchNorm in
+    place is never recommended."""
+    usable = [r for r in rows if r.passed is not False and r.problem is None and r.batch_independent]
     if purpose == "deploy":
-        exact = [r for r in usable if r.exact and r.batch_independent]
+        exact = [r for r in usable if r.exact]
         if exact:
             best = min(exact, key=lambda r: (r.latency_ms if r.latency_ms is not None else float("inf")))
-            return best.target, (f"exact and the fastest exact conversion ({best.latency_ms:.3g} ms per batch); "
-                                 "the network computes what it did")
+            speed = (f"the fastest exact conversion ({best.latency_ms:.3g} ms per batch)"
+                     if best.latency_ms is not None else "an exact conversion (latency not measured)")
+            return best.target, f"exact and {speed}; the network computes what it did"
         pool, why = usable, "no exact target converted every BN; the best agreement"
     else:
-        pool = [r for r in usable if r.target in NORMALIZING and r.batch_independent]
+        pool = [r for r in usable if r.target in NORMALIZING]
         why = "normalizes each sample by itself (independent of the batch size) and keeps the most of the original"
-        if not pool:
-            return None, "no batch-independent normalization could be measured"
+    if not pool:
+        if not usable:
+            return None, _nothing_converted(rows)
+        return None, "no batch-independent normalization among the targets compared"
     best = max(pool, key=lambda r: (r.top1_agreement if r.top1_agreement is not None else -1.0,
                                     r.cosine if r.cosine is not None else -1.0,
                                     -(r.latency_ms or 0.0)))
@@ -194,11 +208,14 @@ def _row(name: str, report: ConversionReport, model: onnx.ModelProto, latency_ms
 
 
 def onnx_parameters(model: onnx.ModelProto) -> int:
-    """Elements of the floating-point initializers (weights, biases, norm parameters), subgraphs included."""
+    """Stored floating-point weights: elements of the float initializers and Constant node values, subgraphs
+    included (weights a model computes at run time, as Caffe2's ConstantFill, are not stored and not counted)."""
     from .onnx.io import iter_graphs
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-    return sum(int(np.prod(t.dims, dtype=np.int64)) for _, g in iter_graphs(model.graph)
-               for t in g.initializer if t.data_type in floats)
+    tensors = [t for _, g in iter_graphs(model.graph) for t in g.initializer]
+    tensors += [a.t for _, g in iter_graphs(model.graph) for n in g.node if n.op_type == "Constant"
+                for a in n.attribute if a.name == "value"]
+    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in tensors if t.data_type in floats)
 
 
 def onnx_latencies(original: onnx.ModelProto, models: list[onnx.ModelProto], inputs, input_shapes, seed: int,

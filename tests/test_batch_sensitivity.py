@@ -89,17 +89,30 @@ def test_sizes_above_the_data_are_skipped_with_a_note():
     assert report.batch_sizes == [2] and any("64" in n for n in report.notes)
 
 
-def test_fixed_batch_reshape_is_skipped_with_a_note():
-    """A Reshape with the batch baked in cannot run other batch sizes: said, not crashed."""
+def _fixed_batch_reshape(target):
+    """x [4, 2, 3, 3] (batch fixed to 4) -> BN -> Reshape to ``target`` (an initializer)."""
     c = 2
     params = [init("g", np.ones(c, np.float32)), init("b", np.zeros(c, np.float32)),
               init("m", np.zeros(c, np.float32)), init("v", np.ones(c, np.float32)),
-              init("shape", np.array([4, c * 9], np.int64))]
+              init("shape", np.array(target, np.int64))]
     nodes = [helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["y"], name="bn"),
              helper.make_node("Reshape", ["y", "shape"], ["r"])]
-    m = model(nodes, [vi("x", [4, c, 3, 3])], [out("r", 2)], params, opset=17)
-    x = np.random.default_rng(0).standard_normal((40, c, 3, 3)).astype(np.float32)
-    report = normswap.batch_sensitivity(m, {"x": x}, batch_sizes=[2, 4], provider="cpu")
+    return model(nodes, [vi("x", [4, c, 3, 3])], [out("r", 2)], params, opset=17)
+
+
+def test_a_fixed_batch_spelled_in_a_reshape_is_freed_and_left_as_it_was():
+    m = _fixed_batch_reshape([4, 18])
+    before = m.SerializeToString()
+    x = np.random.default_rng(0).standard_normal((40, 2, 3, 3)).astype(np.float32)
+    report = normswap.batch_sensitivity(m, {"x": x}, batch_sizes=[2, 4, 8], provider="cpu")
+    assert report.batch_sizes == [2, 4, 8] and not report.notes
+    assert m.SerializeToString() == before
+
+
+def test_a_batch_size_the_model_cannot_run_is_skipped_with_a_note():
+    """Reshape to 2 rows of 36 values (two samples per row) of a batch fixed to 4: batch 2 cannot fill them."""
+    x = np.random.default_rng(0).standard_normal((40, 2, 3, 3)).astype(np.float32)
+    report = normswap.batch_sensitivity(_fixed_batch_reshape([2, 36]), {"x": x}, batch_sizes=[2, 4], provider="cpu")
     assert report.batch_sizes == [4] and 4 in report.layers[0].model_error
     assert 2 not in report.layers[0].model_error and any("batch size 2 could not run" in n for n in report.notes)
 
@@ -139,3 +152,21 @@ def test_inspect_carries_the_sensitivity_in_its_json():
 def test_bad_batch_sizes_are_usage_errors(sizes):
     with pytest.raises(UsageError, match="batch_sizes"):
         parse_batch_sizes(sizes)
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_float16_models_are_measured_and_the_callers_model_is_left_alone(opset):
+    from tests.builders import conv_bn
+    m = conv_bn(np.random.default_rng(0), dtype=np.float16)
+    del m.opset_import[:]
+    m.opset_import.append(helper.make_opsetid("", opset))
+    if opset < 15:  # BN's parameters then share its input's type
+        bn = next(n for n in m.graph.node if n.op_type == "BatchNormalization")
+        for t in m.graph.initializer:
+            if t.name in bn.input[1:]:
+                t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(np.float16), t.name))
+    before = m.SerializeToString()
+    x = np.random.default_rng(1).standard_normal((40, 4, 5, 5)).astype(np.float16)
+    report = normswap.batch_sensitivity(m, {"x": x}, batch_sizes=[2, 8], provider="cpu")
+    assert 0 < report.layers[0].model_error[8] < report.layers[0].model_error[2]
+    assert m.SerializeToString() == before

@@ -131,3 +131,25 @@ def test_compare_accepts_an_onnx_graphsurgeon_graph(digits):
     _, held = digits
     report = normswap.compare(gs.import_onnx(onnx.load(str(MODEL))), "fold", inputs=held, latency=False)
     assert report.rows[0].passed is True and report.source == "<onnx_graphsurgeon.Graph>"
+
+
+def test_no_recommendation_when_every_target_keeps_the_batchnorms(digits):
+    """BN parameters that are also graph inputs (callers may override them) are kept by every target: said."""
+    import onnx
+    _, held = digits
+    m = onnx.load(str(MODEL))
+    names = {i.name for i in m.graph.input}
+    for node in m.graph.node:
+        if node.op_type == "BatchNormalization" and node.input[1] not in names:
+            init = next(t for t in m.graph.initializer if t.name == node.input[1])
+            m.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    for purpose in ("finetune", "deploy"):
+        report = normswap.compare(m, "fold,layer", inputs=held, latency=False, purpose=purpose, provider="cpu")
+        assert all(not r.batch_independent for r in report.rows)
+        assert report.recommended is None and "left BatchNorm layers in place" in report.reason
+
+
+def test_deploy_recommendation_without_latency(digits):
+    _, held = digits
+    report = normswap.compare(MODEL, "fold,affine", inputs=held, latency=False, purpose="deploy", provider="cpu")
+    assert report.recommended in ("fold", "affine") and "latency not measured" in report.reason
