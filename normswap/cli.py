@@ -253,12 +253,10 @@ def _table(rows: list[list[str]], header: list[str], name_columns: tuple[int, ..
 
 
 def _group_counts(r: ConversionReport) -> str:
-    """': G=32 x18, G=16 x2' for the converted group / layer / instance layers, most frequent first."""
-    from collections import Counter
-    counts = Counter(layer.groups for layer in r.layers if layer.action == "converted" and layer.groups)
-    if not counts:
-        return ""
-    return " (" + ", ".join(f"G={g} x{n}" for g, n in sorted(counts.items(), key=lambda kv: (-kv[1], -kv[0]))) + ")"
+    """' (G=32 x18, G=16 x2)' for the converted group / layer / instance layers, most frequent first."""
+    from .comparison import group_summary
+    summary = group_summary(r, prefix="G=")
+    return f" ({summary})" if summary else ""
 
 
 def _print_conversion(r: ConversionReport) -> None:

@@ -45,11 +45,11 @@ def check_purpose(purpose: str) -> None:
         raise UsageError(f"{option('purpose', purpose)} must be one of {', '.join(PURPOSES)}")
 
 
-def group_summary(report: ConversionReport) -> str:
+def group_summary(report: ConversionReport, prefix: str = "") -> str:
     """'32 x18, 16 x2' for the converted layers' group counts, most frequent first ('' for none)."""
     from collections import Counter
     counts = Counter(layer.groups for layer in report.layers if layer.action == "converted" and layer.groups)
-    return ", ".join(f"{g} x{n}" for g, n in sorted(counts.items(), key=lambda kv: (-kv[1], -kv[0])))
+    return ", ".join(f"{prefix}{g} x{n}" for g, n in sorted(counts.items(), key=lambda kv: (-kv[1], -kv[0])))
 
 
 def batch_independent(report: ConversionReport) -> bool:

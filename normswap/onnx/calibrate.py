@@ -202,7 +202,7 @@ class CalibrationJob:
 
 
 class _Candidate:
-    """A job's state while it is calibrated: plan, runner, pending sums, the seconds its own runs took."""
+    """A job's state while it is calibrated: its report, layers, head, runner and the seconds its own runs took."""
 
     def __init__(self, job: CalibrationJob, tag: str, samples: int | None, batch_size: int) -> None:
         self.job, self.tag = job, tag
@@ -253,12 +253,11 @@ def calibrate_many(reference: onnx.ModelProto | Path, jobs: list[CalibrationJob]
             _run(ref_model, [cands[k] for k in members], [plans[k] for k in members], layout, data, providers,
                  workdir, memory_budget, progress, setup)
     rss = peak_rss()
-    for c in cands:
+    for k, c in enumerate(cands):
         c.report.batch_size, c.report.batch_layout = layout.rows or (samples or 0), layout.note
         c.report.peak_rss_bytes = rss
         c.report.seconds = c.seconds
-        if len(jobs) > 1:
-            c.report.shared_with = len(shared) if c in [cands[k] for k in shared] else 1
+        c.report.shared_with = len(shared) if k in shared else 1
     return [c.report for c in cands]
 
 

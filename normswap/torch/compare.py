@@ -11,22 +11,20 @@ import time
 import torch
 from torch import nn
 
+from ..comparison import LATENCY_BATCH, LATENCY_ROUNDS, batch_independent, group_summary
 from ..errors import UsageError, option
 from ..report import CompareRow
+from ..targets import get_target
 from ..validate.compare import OutputStats
+from ..validate.float64 import FLOAT64_SAMPLES
 from .calibrate import module_device
 from .data import as_args
 from .validate import _outputs, float64_outputs
-
-LATENCY_BATCH = 32
-LATENCY_ROUNDS = 7
-FLOAT64_SAMPLES = 4
 
 
 def compare_torch(module: nn.Module, names: tuple[str, ...], *, groups, calibration, inputs, example_inputs,
                   latency: bool) -> tuple[list[CompareRow], str, list[str], int]:
     from ..api import convert
-    from ..comparison import batch_independent, group_summary
     held = as_args(inputs) if inputs is not None else None
     notes = []
     if held is None:
@@ -41,7 +39,7 @@ def compare_torch(module: nn.Module, names: tuple[str, ...], *, groups, calibrat
     module.eval()
     reference = [o.detach().cpu().numpy() for o in _outputs(module, held)]
     first = tuple(a[:FLOAT64_SAMPLES] for a in held)
-    reference64 = float64_outputs(module, first)
+    reference64 = float64_outputs(module, first) if any(get_target(n).exact for n in names) else None
     reference32 = [o.detach().cpu().numpy() for o in _outputs(module, first)]
     rows, models = [], []
     for name in names:
