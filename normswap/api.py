@@ -20,6 +20,7 @@ from .activation_store import DEFAULT_MEMORY_BUDGET
 from .progress import auto_progress
 from .batch_sensitivity import DEFAULT_BATCHES, DEFAULT_BATCH_SIZES
 from .report import ConversionReport, InspectReport, SensitivityReport, ValidationReport
+from .validate.agreement import DEFAULT_THRESHOLD, TaskMeasure, TaskMetric
 from .targets import (LAYER_OVER, REPLACEMENT_TARGETS, TARGET_NAMES, ReplaceOptions, auto_groups_note, get_target,
                       resolve_groups)
 
@@ -109,6 +110,16 @@ def _check_options(to: str, layer_over: str, atol: float | None, rtol: float | N
         raise UsageError("the calibration batch size must be positive")
 
 
+def task_measure(task_metric: TaskMetric | None, map_threshold: float) -> TaskMeasure:
+    """The agreement settings, checked: a callable metric, a threshold strictly inside (0, 1)."""
+    if task_metric is not None and not callable(task_metric):
+        raise UsageError(f"{option('task_metric')} must be a callable (reference_outputs, candidate_outputs) -> "
+                         f"agreement in 0..1, got {type(task_metric).__name__}")
+    if not 0.0 < map_threshold < 1.0:
+        raise UsageError(f"{option('map_threshold')} must lie strictly between 0 and 1 (got {map_threshold:g})")
+    return TaskMeasure(map_threshold, task_metric)
+
+
 def _upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     from onnx import version_converter
     from .onnx.io import opset_of
@@ -166,13 +177,16 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
             keep_unfoldable: bool = False, allow_nonfinite: bool = False, validate: bool = True,
             provider: str = "auto", inputs: Inputs = None, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
             atol: float | None = None, rtol: float | None = None, seed: int = 0, min_cosine: float | None = None,
-            min_agreement: float | None = None, opset: int | None = None,
+            min_agreement: float | None = None, task_metric: TaskMetric | None = None,
+            map_threshold: float = DEFAULT_THRESHOLD, opset: int | None = None,
             progress: Progress | bool | None = None):
     """Convert every BatchNorm of an ONNX model (path or ``onnx.ModelProto``) or a ``torch.nn.Module`` for
     target ``to`` and (by default) validate the result against the original in ONNX Runtime: exact targets within
     the float64 noise floor (each output's error against a float64 evaluation of the original at most a few
     times the original's own float32 error; ``atol`` / ``rtol`` given: elementwise instead), replacement targets
-    for fidelity (gated by ``min_cosine`` / ``min_agreement`` when given).
+    for fidelity (gated by ``min_cosine`` / ``min_agreement`` when given). Agreement is measured in the task's
+    terms by each output's shape (top-1, whole-sequence argmax, per-pixel argmax, IoU of probability maps
+    thresholded at ``map_threshold``), or by ``task_metric(reference_outputs, candidate_outputs) -> 0..1``.
     ``calibration`` (unlabeled samples; ONNX: an .npz path or a mapping of input name to array; torch: a tensor,
     a tuple of tensors or an iterable of batches) refits the new layers so the network keeps its function;
     ``distill_steps`` (torch) then trains the converted network towards the original's outputs:
@@ -188,6 +202,7 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
     draws none, a callable receives ``(done, total, label)``. Returns a ``ConversionResult`` (ONNX) or
     ``TorchConversionResult``."""
     _check_options(to, layer_over, atol, rtol, min_cosine, min_agreement, calibration_batch_size)
+    task = task_measure(task_metric, map_threshold)
     groups, choose_groups = resolve_groups(to, groups, group_size)
     gates = [option(n, v) for n, v in (("min_cosine", min_cosine), ("min_agreement", min_agreement)) if v is not None]
     if gates and get_target(to).exact:
@@ -211,7 +226,7 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
                              distill_scope=distill_scope, distill_holdout=distill_holdout,
                              keep_unfoldable=keep_unfoldable, validate=validate, provider=provider, inputs=inputs,
                              atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement,
-                             progress=progress)
+                             task=task, progress=progress)
     if distill_steps or example_inputs is not None:
         raise UsageError("distill_steps and example_inputs apply to torch modules; ONNX models take calibration "
                          "data and input_shapes")
@@ -272,7 +287,7 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
         report.validation = validate_models_checked(
             reference, converted, provider, inputs, input_shapes, atol, rtol, seed,
             check="exact" if target.exact else "fidelity", min_cosine=min_cosine, min_agreement=min_agreement,
-            layer_outputs=main_norms, progress=progress)
+            layer_outputs=main_norms, progress=progress, task=task)
         for n in conversion.new_norms:
             n.record.drift_cosine = report.validation.layer_cosine.get(n.y)
         if not target.exact and inputs is None:
@@ -297,29 +312,34 @@ def validate_models_checked(reference: onnx.ModelProto | Path, candidate: onnx.M
                             inputs: Inputs, input_shapes, atol: float | None, rtol: float | None, seed: int, *,
                             check: str = "exact", min_cosine: float | None = None,
                             min_agreement: float | None = None, layer_outputs: tuple[str, ...] = (),
-                            progress: Progress | None = None) -> ValidationReport:
+                            progress: Progress | None = None, task: TaskMeasure = TaskMeasure()
+                            ) -> ValidationReport:
     from .validate.runner import validate_models
     if (atol is not None and atol < 0) or (rtol is not None and rtol < 0):
         raise UsageError(f"{option('atol')} and {option('rtol')} must be non-negative")
     return validate_models(reference, candidate, provider=provider, inputs=inputs, input_shapes=input_shapes,
                            atol=atol, rtol=rtol, seed=seed, check=check, min_cosine=min_cosine,
-                           min_agreement=min_agreement, layer_outputs=layer_outputs, progress=progress)
+                           min_agreement=min_agreement, layer_outputs=layer_outputs, progress=progress,
+                           task=task)
 
 
 def validate(reference: ModelLike, candidate: ModelLike, *, provider: str = "auto", inputs: Inputs = None,
              input_shapes: Mapping[str, tuple[int, ...]] | None = None, atol: float | None = None,
              rtol: float | None = None, seed: int = 0, check: str = "exact", min_cosine: float | None = None,
-             min_agreement: float | None = None) -> ValidationReport:
+             min_agreement: float | None = None, task_metric: TaskMetric | None = None,
+             map_threshold: float = DEFAULT_THRESHOLD) -> ValidationReport:
     """Run two ONNX models on the same inputs in ONNX Runtime and compare every output: ``check="exact"``
     (against the float64 evaluation of the reference: the candidate's error at most a few times the reference's
     own float32 error; ``atol`` / ``rtol`` given: elementwise) or ``"fidelity"`` (cosine, top-1 agreement, gated
-    by ``min_cosine`` / ``min_agreement``)."""
+    by ``min_cosine`` / ``min_agreement``, agreement measured in the task's terms or by ``task_metric``; see
+    ``convert``)."""
     if check not in ("exact", "fidelity"):
         raise UsageError("check must be 'exact' or 'fidelity'")
+    task = task_measure(task_metric, map_threshold)
     ref, _, _ = _load(reference, copy=False)
     cand, _, _ = _load(candidate, copy=False)
     return validate_models_checked(ref, cand, provider, inputs, input_shapes, atol, rtol, seed, check=check,
-                                   min_cosine=min_cosine, min_agreement=min_agreement)
+                                   min_cosine=min_cosine, min_agreement=min_agreement, task=task)
 
 
 def batch_sensitivity(model, data, *, batch_sizes=DEFAULT_BATCH_SIZES, batches: int = DEFAULT_BATCHES,

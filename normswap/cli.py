@@ -16,6 +16,7 @@ from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_UNSU
 from .report import ConversionReport, InspectReport, ValidationReport
 from .api import CALIBRATION_BATCH
 from .targets import DEFAULT_GROUPS, LAYER_OVER, TARGET_NAMES, resolve_groups
+from .validate.agreement import DEFAULT_THRESHOLD
 from .validate.compare import DEFAULT_ATOL, DEFAULT_RTOL, NOISE_FLOOR, NOISE_MULTIPLE
 from .validate.providers import PROVIDER_CHOICES
 
@@ -111,6 +112,11 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.call_on_close(lambda: SPEAKING_CLI.reset(token))  # in-process callers (tests, scripts) get it back
 
 
+_map_threshold_option = click.option(
+    "--map-threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
+    help="Probability-map outputs (N,1,H,W) with values in 0..1: agreement is the IoU of both maps above this.")
+
+
 def _validation_options(f):
     options = [
         click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True,
@@ -125,6 +131,7 @@ def _validation_options(f):
         click.option("--rtol", type=float, default=None,
                      help=f"Exact checks: elementwise relative tolerance (with --atol, default {DEFAULT_ATOL:g})."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs."),
+        _map_threshold_option,
         click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
                      help="Write the report to this file: JSON, or a self-contained page with plots when it ends "
                           "in .html ('-': JSON on stdout, which silences the table)."),
@@ -179,10 +186,12 @@ def _preserved(r: ConversionReport) -> str:
         return str(r.function_preserved).lower()
     if r.validation is None or not r.validation.outputs:
         return "unknown (not validated)"
-    o = r.validation.outputs[0]
-    top1 = f", top-1 agreement {o.top1_agreement:.3f}" if o.top1_agreement is not None else ""
-    return (f"unknown (measured cosine {_fmt(o.cosine, '.4f')}{top1} on '{o.name}'; decide with --min-agreement "
-            "or --min-cosine)")
+    v = r.validation
+    o = v.outputs[0]
+    agreement = (f", agreement {v.agreement:.3f} ({v.agreement_measure})" if v.agreement is not None
+                 else ", no agreement measure for its shape")
+    return (f"unknown (measured cosine {_fmt(o.cosine, '.4f')} on '{o.name}'{agreement}; decide with "
+            "--min-agreement or --min-cosine)")
 
 
 def _verdict(passed: bool | None) -> str:
@@ -196,16 +205,24 @@ def _print_validation(v: ValidationReport) -> None:
         rule = f"exact, atol={v.atol:g} rtol={v.rtol:g}"
     else:
         gates = [f"cosine >= {v.min_cosine:g}"] if v.min_cosine is not None else []
-        gates += [f"top-1 agreement >= {v.min_agreement:g}"] if v.min_agreement is not None else []
+        gates += [f"agreement >= {v.min_agreement:g}"] if v.min_agreement is not None else []
         rule = "fidelity" + (f", gate: {' and '.join(gates)}" if gates else ", no gate")
     exported = f"; exported with {v.exported_with}" if v.exported_with else ""
-    click.echo(f"validation ({rule}) on {', '.join(v.providers)}; inputs: {v.inputs}{exported}")
+    shape = v.outputs[0].shape if v.outputs else []
+    samples = f" ({shape[0]} sample(s))" if shape else ""
+    click.echo(f"validation ({rule}) on {', '.join(v.providers)}; inputs: {v.inputs}{samples}{exported}")
     header = ["  output", f"{'max_abs':>10}", f"{'max_rel':>10}", f"{'mean_abs':>10}", f"{'cosine':>10}",
-              f"{'top1':>6}",
+              f"{'agree':>6}",
               "result"]
     _table([[f"  {o.name}", f"{_fmt(o.max_abs):>10}", f"{_fmt(o.max_rel):>10}", f"{_fmt(o.mean_abs):>10}",
-             f"{_fmt(o.cosine, '.6f'):>10}", f"{_fmt(o.top1_agreement, '.2f'):>6}", _verdict(o.passed)]
+             f"{_fmt(o.cosine, '.6f'):>10}", f"{_fmt(o.agreement, '.3f'):>6}", _verdict(o.passed)]
             for o in v.outputs], header)
+    for o in v.outputs:
+        if o.agreement is not None:
+            extras = "".join(f", {k} {x:.3f}" for k, x in o.agreements.items())
+            click.echo(f"  {o.name}: agreement = {o.agreement_measure}{extras}")
+    if v.task_agreement is not None:
+        click.echo(f"  task metric '{v.task_metric}': agreement {v.task_agreement:.4f}")
     for o in v.outputs:
         if o.problem:
             click.echo(f"  {o.name}: {o.problem}")
@@ -213,6 +230,8 @@ def _print_validation(v: ValidationReport) -> None:
             ratio = "" if o.error_ratio is None else f", {o.error_ratio:.2g}x"
             click.echo(f"  {o.name}: error against float64 {_fmt(o.converted_error)} (original's own float32 "
                        f"error {_fmt(o.original_error)}{ratio}; allowed {NOISE_MULTIPLE:g}x + {NOISE_FLOOR:g})")
+    if v.tf32 is not None:
+        click.echo(f"CUDA: TF32 {'on' if v.tf32 else 'off'}; graph optimizations: {v.reference_optimization}")
     if v.rule_note:
         click.echo(f"note: {v.rule_note}")
     for caution in v.cautions:
@@ -478,12 +497,14 @@ Examples:
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
               help="Shape for an input with symbolic dimensions (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs.")
+@_map_threshold_option
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Write the report to this file: JSON, or a self-contained page with plots when it ends in "
                    ".html ('-': JSON on stdout).")
 def compare(model: str | None, torch_model: str | None, weights: str | None, targets: str, groups: str | None,
             calibration: str | None, purpose: str, no_latency: bool, quiet: bool, provider: str,
-            inputs: str | None, input_shapes: tuple[str, ...], seed: int, report_path: str | None) -> None:
+            inputs: str | None, input_shapes: tuple[str, ...], seed: int, map_threshold: float,
+            report_path: str | None) -> None:
     """Convert MODEL to each target, measure what each keeps and costs, and recommend one."""
     from .comparison import compare as compare_targets
     from .comparison import parse_targets
@@ -506,16 +527,20 @@ def compare(model: str | None, torch_model: str | None, weights: str | None, tar
         target, calib, held, extra = model, calibration, inputs, {"input_shapes": shapes}
     with _progress(quiet or report_path == "-") as progress:
         report = compare_targets(target, names, groups=groups, calibration=calib, inputs=held, provider=provider,
-                                 seed=seed, purpose=purpose, latency=not no_latency, progress=progress, **extra)
+                                 seed=seed, purpose=purpose, latency=not no_latency, map_threshold=map_threshold,
+                                 progress=progress, **extra)
     _write_report(report, report_path)
     if report_path == "-":
         return
-    _table([[r.target, "yes" if r.exact else "no", _fmt(r.top1_agreement, ".2%"), _fmt(r.cosine, ".5f"),
+    _table([[r.target, "yes" if r.exact else "no", _fmt(r.agreement, ".2%"), _fmt(r.cosine, ".5f"),
              r.groups or "-", "yes" if r.batch_independent else "no", f"{r.parameters:,}", str(r.nodes),
              _fmt(r.latency_ms, ".3g"), _fmt(r.calibration_seconds, ".2f"),
              _verdict(r.passed) + ("" if not r.kept else f" ({r.kept} BN kept)")] for r in report.rows],
-           ["target", "exact", "top-1", "cosine", "groups", "batch-indep.", "params", "nodes", "ms/batch",
+           ["target", "exact", "agreement", "cosine", "groups", "batch-indep.", "params", "nodes", "ms/batch",
             "calib s", "result"])
+    measure = next((r.agreement_measure for r in report.rows if r.agreement_measure), None)
+    if measure:
+        click.echo(f"agreement: {measure}")
     original = next((r.original_latency_ms for r in report.rows if r.original_latency_ms is not None), None)
     if original is not None:
         click.echo(f"latency: per batch of {report.latency_batch}, {report.latency_source}, fastest of several "
@@ -574,7 +599,8 @@ Examples:
 @click.option("--min-cosine", type=float, default=None,
               help="Non-exact targets: fail (exit 1) when an output's cosine similarity is below this.")
 @click.option("--min-agreement", type=float, default=None,
-              help="Non-exact targets: fail (exit 1) when top-1 agreement is below this.")
+              help="Non-exact targets: fail (exit 1) when the task agreement is below this (top-1, whole-sequence "
+                   "argmax, per-pixel argmax or map IoU, by the output's shape).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Compare the converted model with the original in ONNX Runtime.")
@@ -588,7 +614,7 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
             calibration_batch_size: int, calibration_memory: str | None, opset: int | None,
             min_cosine: float | None, min_agreement: float | None, quiet: bool, validate: bool,
             keep_invalid: bool, provider: str, inputs: str | None, input_shapes: tuple[str, ...], atol: float,
-            rtol: float, seed: int, report_path: str | None) -> None:
+            rtol: float, seed: int, map_threshold: float, report_path: str | None) -> None:
     """Convert the BatchNorm layers of MODEL (.onnx), or of a torch module (--torch-model), and validate the
     result."""
     from .api import convert as convert_model
@@ -604,7 +630,8 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
                               target, output, keep_unfoldable,
                               groups, group_size, layer_over, calibration, calibrate_norms_only,
                               calibration_batch_size, memory, min_cosine, min_agreement, quiet, validate,
-                              keep_invalid, provider, inputs, input_shapes, atol, rtol, seed, report_path)
+                              keep_invalid, provider, inputs, input_shapes, atol, rtol, seed, map_threshold,
+                              report_path)
     if export_onnx or distill_steps or weights:
         raise UsageError("--export-onnx, --distill-steps and --weights apply to --torch-model")
     source = Path(model)
@@ -625,7 +652,7 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
                                allow_nonfinite=allow_nonfinite, validate=validate,
                                provider=provider, inputs=inputs, input_shapes=shapes, atol=atol, rtol=rtol,
                                seed=seed, min_cosine=min_cosine, min_agreement=min_agreement, opset=opset,
-                               progress=progress)
+                               map_threshold=map_threshold, progress=progress)
     report = result.report
     quiet = report_path == "-"
     if not report.layers:  # nothing to do: no file is written, and that is a success
@@ -679,7 +706,7 @@ def _torch_args(module, shapes: dict[str, tuple[int, ...]], npz: str | None, see
 def _convert_torch(spec, weights, export_onnx, distillation, target, output, keep_unfoldable, groups, group_size,
                    layer_over, calibration, calibrate_norms_only, calibration_batch_size, memory,
                    min_cosine, min_agreement, quiet, validate, keep_invalid, provider, inputs, input_shapes, atol,
-                   rtol, seed, report_path) -> None:
+                   rtol, seed, map_threshold, report_path) -> None:
     from .api import convert as convert_model
     from .paths import WritePlan
     stem = Path(weights).stem if weights else spec.rpartition(":")[2]
@@ -706,7 +733,7 @@ def _convert_torch(spec, weights, export_onnx, distillation, target, output, kee
                                example_inputs=example if example is not None else held,
                                keep_unfoldable=keep_unfoldable, validate=validate, provider=provider, inputs=held,
                                atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement,
-                               progress=progress)
+                               map_threshold=map_threshold, progress=progress)
     report = result.report
     if not report.layers:
         if report_path != "-":
@@ -746,11 +773,13 @@ Examples:
 @click.option("--check", type=click.Choice(["exact", "fidelity"]), default="exact", show_default=True,
               help="exact: within --atol/--rtol; fidelity: measure, and gate with --min-cosine/--min-agreement.")
 @click.option("--min-cosine", type=float, default=None, help="With --check fidelity: fail below this cosine.")
-@click.option("--min-agreement", type=float, default=None, help="With --check fidelity: fail below this top-1 agreement.")
+@click.option("--min-agreement", type=float, default=None,
+              help="With --check fidelity: fail below this agreement (top-1, whole-sequence argmax, per-pixel "
+                   "argmax or map IoU, by the output's shape).")
 @_validation_options
 def validate(reference: str, candidate: str, check: str, min_cosine: float | None, min_agreement: float | None,
              provider: str, inputs: str | None, input_shapes: tuple[str, ...], atol: float, rtol: float, seed: int,
-             report_path: str | None) -> None:
+             map_threshold: float, report_path: str | None) -> None:
     """Run REFERENCE and CANDIDATE in ONNX Runtime on the same inputs and compare every output."""
     from .api import validate as validate_models
     from .paths import WritePlan, external_files
@@ -758,7 +787,7 @@ def validate(reference: str, candidate: str, check: str, min_cosine: float | Non
     _plan_report(WritePlan(models + [f for m in models for f in external_files(m)] + [_path(inputs)]), report_path)
     report = validate_models(reference, candidate, provider=provider, inputs=inputs,
                              input_shapes=_shapes(input_shapes), atol=atol, rtol=rtol, seed=seed, check=check,
-                             min_cosine=min_cosine, min_agreement=min_agreement)
+                             min_cosine=min_cosine, min_agreement=min_agreement, map_threshold=map_threshold)
     if report_path != "-":
         _print_validation(report)
         click.echo({True: "passed", False: "FAILED", None: "measured (no gate given)"}[report.passed])

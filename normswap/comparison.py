@@ -23,6 +23,7 @@ import onnx
 from .errors import UsageError, option
 from .report import CompareReport, CompareRow, ConversionReport
 from .targets import REPLACEMENT_TARGETS, TARGET_NAMES, ReplaceOptions, get_target, resolve_groups
+from .validate.agreement import DEFAULT_THRESHOLD
 
 DEFAULT_TARGETS = TARGET_NAMES
 PURPOSES = ("finetune", "deploy")
@@ -86,10 +87,10 @@ def recommend(rows: list[CompareRow], purpose: str) -> tuple[str | None, str]:
         if not usable:
             return None, _nothing_converted(rows)
         return None, "no batch-independent normalization among the targets compared"
-    best = max(pool, key=lambda r: (r.top1_agreement if r.top1_agreement is not None else -1.0,
+    best = max(pool, key=lambda r: (r.agreement if r.agreement is not None else -1.0,
                                     r.cosine if r.cosine is not None else -1.0,
                                     -(r.latency_ms or 0.0)))
-    agreement = (f"top-1 agreement {best.top1_agreement:.1%}" if best.top1_agreement is not None
+    agreement = (f"agreement {best.agreement:.1%} ({best.agreement_measure})" if best.agreement is not None
                  else f"cosine {best.cosine:.4f}")
     calibrated = "" if best.calibrated or best.exact else " (uncalibrated: pass calibration data)"
     return best.target, f"{why}: {agreement}{calibrated}"
@@ -98,33 +99,36 @@ def recommend(rows: list[CompareRow], purpose: str) -> tuple[str | None, str]:
 def compare(model, targets=DEFAULT_TARGETS, *, groups: int | str | None = None, calibration=None,
             inputs=None, input_shapes: Mapping[str, tuple[int, ...]] | None = None, provider: str = "auto",
             seed: int = 0, purpose: str = "finetune", example_inputs=None, latency: bool = True,
-            progress=None) -> CompareReport:
+            task_metric=None, map_threshold: float = DEFAULT_THRESHOLD, progress=None) -> CompareReport:
     """Convert ``model`` (ONNX path / ModelProto, or a torch module) to every target in ``targets`` and measure
-    each: exact or not, top-1 agreement and cosine against the original on ``inputs`` (held-out samples;
+    each: exact or not, agreement in the task's terms (by output shape, or ``task_metric``; see ``convert``) and
+    cosine against the original on ``inputs`` (held-out samples;
     random data when none), group counts, batch independence, parameters, nodes, latency per batch and
     calibration seconds (``calibration`` given: replacement targets are calibrated). Returns a
     ``CompareReport`` with one row per target and a recommendation for ``purpose`` (``"finetune"`` or
     ``"deploy"``; see the module doc)."""
     names = parse_targets(targets)
     check_purpose(purpose)
-    from .api import _is_torch_module
+    from .api import _is_torch_module, task_measure
+    task = task_measure(task_metric, map_threshold)
     if _is_torch_module(model):
         from .torch.compare import compare_torch
         rows, source, notes, batch = compare_torch(model, names, groups=groups, calibration=calibration,
-                                                   inputs=inputs, example_inputs=example_inputs, latency=latency)
+                                                   inputs=inputs, example_inputs=example_inputs, latency=latency,
+                                                   task=task)
         timed_by = "torch (eager)" if latency else ""
     else:
         if example_inputs is not None:
             raise UsageError(f"{option('example_inputs')} applies to torch modules; ONNX models take "
                              f"{option('input_shapes')}")
         rows, source, notes, batch = _compare_onnx(model, names, groups, calibration, inputs, input_shapes,
-                                                   provider, seed, latency, progress)
+                                                   provider, seed, latency, task, progress)
         timed_by = "onnxruntime (all graph optimizations)" if latency else ""
     target, reason = recommend(rows, purpose)
     return CompareReport(source, purpose, rows, target, reason, notes, batch, timed_by)
 
 
-def _compare_onnx(model, names, groups, calibration, inputs, input_shapes, provider, seed, latency,
+def _compare_onnx(model, names, groups, calibration, inputs, input_shapes, provider, seed, latency, task,
                   progress) -> tuple[list[CompareRow], str, list[str], int]:
     from .api import _calibration_data, _graphsurgeon_graph, _load, _shape_probe
     from .onnx.admission import admit
@@ -174,7 +178,7 @@ def _compare_onnx(model, names, groups, calibration, inputs, input_shapes, provi
                             tuple(m.y for m in jobs[n][0] if m.graph == "main") if n in jobs else ())
                   for n in names]
     validations = validate_many(original, candidates, provider=provider, inputs=held, input_shapes=input_shapes,
-                                seed=seed, progress=progress)
+                                seed=seed, progress=progress, task=task)
     for n, v in zip(names, validations):
         reports[n].validation = v
         for norm in jobs.get(n, ((), False))[0]:
@@ -204,7 +208,9 @@ def _row(name: str, report: ConversionReport, model: onnx.ModelProto, latency_ms
         calibrated=c is not None, passed=v.passed if v is not None else None,
         kept=report.count("kept"), converted=report.count("converted") + report.count("folded") +
         report.count("affine"), problem=out.problem if out is not None else None,
-        layer_cosine=dict(v.layer_cosine) if v is not None else {}, report=report)
+        layer_cosine=dict(v.layer_cosine) if v is not None else {}, report=report,
+        agreement=v.agreement if v is not None else None,
+        agreement_measure=v.agreement_measure if v is not None else None)
 
 
 def onnx_parameters(model: onnx.ModelProto) -> int:

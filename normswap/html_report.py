@@ -143,12 +143,12 @@ def _validation_section(v: ValidationReport | None, heading: str = "Validation")
     if v is None:
         return ""
     verdict = {True: "passed", False: "FAILED", None: "measured (no gate)"}[v.passed]
-    rows = [[o.name, o.max_abs, o.max_rel, o.mean_abs, o.cosine, o.top1_agreement, o.original_error,
+    rows = [[o.name, o.max_abs, o.max_rel, o.mean_abs, o.cosine, o.agreement, o.original_error,
              o.converted_error, {True: "ok", False: "FAIL", None: "measured"}[o.passed]] for o in v.outputs]
     return (f"<h2>{escape(heading)}</h2>" + _summary([
         ("check", v.check + (f" ({v.rule})" if v.check == "exact" else "")), ("result", verdict),
         ("ran on", ", ".join(v.providers)), ("inputs", v.inputs), ("float64 reference", v.float64_reference)])
-        + _table(["output", "max abs", "max rel", "mean abs", "cosine", "top-1", "original error",
+        + _table(["output", "max abs", "max rel", "mean abs", "cosine", "agreement", "original error",
                   "converted error", "result"], rows, numeric=range(1, 8)))
 
 
@@ -195,16 +195,16 @@ def validation_html(v: ValidationReport, reference: str = "", candidate: str = "
 
 
 def compare_html(r: CompareReport) -> str:
-    rows = [[row.target, row.exact, row.top1_agreement, row.cosine, row.groups, row.batch_independent,
+    rows = [[row.target, row.exact, row.agreement, row.cosine, row.groups, row.batch_independent,
              row.parameters, row.nodes, row.latency_ms, row.calibration_seconds,
              {True: "ok", False: "FAIL", None: "measured"}[row.passed]] for row in r.rows]
-    marks = [(row.latency_ms, row.top1_agreement if row.top1_agreement is not None else row.cosine, row.target)
-             for row in r.rows if row.latency_ms is not None and (row.top1_agreement is not None or
+    marks = [(row.latency_ms, row.agreement if row.agreement is not None else row.cosine, row.target)
+             for row in r.rows if row.latency_ms is not None and (row.agreement is not None or
                                                                  row.cosine is not None)]
     body = [_summary([("source", r.source), ("purpose", r.purpose), ("recommended", r.recommended),
                       ("why", r.reason), ("latency", f"per batch of {r.latency_batch}, {r.latency_source}")
                       if r.latency_source else ("latency", "not measured")]),
-            _table(["target", "exact", "top-1 agreement", "cosine", "groups", "batch independent", "parameters",
+            _table(["target", "exact", "agreement", "cosine", "groups", "batch independent", "parameters",
                     "nodes", "latency ms", "calibration s", "result"], rows,
                    ["recommended" if row.target == r.recommended else "" for row in r.rows],
                    numeric=(2, 3, 6, 7, 8, 9))]

@@ -71,6 +71,10 @@ class OutputComparison:
     original_error: float | None = None  # the original's own float32 run
     converted_error: float | None = None  # the converted model
     error_ratio: float | None = None  # converted_error / original_error
+    # Agreement in the task's terms (validate.agreement): the measure this output's shape gets, and its value
+    agreement: float | None = None
+    agreement_measure: str | None = None  # "top-1", "whole-sequence argmax", "per-pixel argmax", "map IoU (> 0.5)"
+    agreements: dict[str, float] = field(default_factory=dict)  # second figures ("per-position argmax")
 
     def __bool__(self) -> bool:
         return bool(self.passed)
@@ -96,14 +100,34 @@ class ValidationReport(_Json):
     float64_reference: str | None = None  # what evaluated the original in float64, and on how many samples
     rule_note: str | None = None  # why the noise-floor rule could not be used, when it was wanted
     exported_with: str | None = None  # PyTorch path: the torch.onnx exporter(s) that produced what was validated
+    task_metric: str | None = None  # the name of the user's task metric, when one was given
+    task_agreement: float | None = None  # its value (0..1); it decides min_agreement instead of the outputs
+    tf32: bool | None = None  # CUDA sessions: whether TF32 matmuls / convolutions were allowed (None: no CUDA)
 
     @property
     def passed(self) -> bool | None:
-        """False when an output failed; None when the check only measured (fidelity without a gate); else True."""
+        """False when an output (or the task metric's gate) failed; None when the check only measured (fidelity
+        without a gate); else True."""
         results = [o.passed for o in self.outputs]
         if any(r is False for r in results):
             return False
+        if self.task_agreement is not None and self.min_agreement is not None:
+            return self.task_agreement >= self.min_agreement
         return None if any(r is None for r in results) else True
+
+    @property
+    def agreement(self) -> float | None:
+        """The task agreement the verdict uses: the task metric's, else the first output's that has a measure."""
+        if self.task_agreement is not None:
+            return self.task_agreement
+        return next((o.agreement for o in self.outputs if o.agreement is not None), None)
+
+    @property
+    def agreement_measure(self) -> str | None:
+        """What ``agreement`` measures: "task metric 'NAME'" or "MEASURE on 'OUTPUT'"."""
+        if self.task_agreement is not None:
+            return f"task metric '{self.task_metric}'"
+        return next((f"{o.agreement_measure} on '{o.name}'" for o in self.outputs if o.agreement is not None), None)
 
     @property
     def cautions(self) -> list[str]:
@@ -117,6 +141,8 @@ class ValidationReport(_Json):
         d = asdict(self)
         d["passed"] = self.passed
         d["cautions"] = self.cautions
+        d["agreement"] = self.agreement
+        d["agreement_measure"] = self.agreement_measure
         return d
 
 
@@ -263,6 +289,8 @@ class CompareRow:
     problem: str | None = None
     layer_cosine: dict[str, float] = field(default_factory=dict)  # per-layer drift (replacement targets)
     report: ConversionReport | None = None  # the full conversion report (not in the JSON)
+    agreement: float | None = None  # in the task's terms (ValidationReport.agreement): what the ranking uses
+    agreement_measure: str | None = None  # what it measures ("top-1 on 'logits'", "task metric 'f1'")
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "report"}

@@ -106,3 +106,36 @@ def test_the_float64_copy_computes_in_float64():
     m64 = float64_model(conv_bn(np.random.default_rng(0)))
     assert all(t.data_type == onnx.TensorProto.DOUBLE for t in m64.graph.initializer)
     assert m64.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.DOUBLE
+
+
+def _pair_stats(export_error: float, eager_error: float = 1e-9, level: float = 1e-4):
+    """A module and its own export judged against the module in float64: eager rounds almost exactly, the export
+    is off by ``export_error`` (relative to an output of scale 1)."""
+    from normswap.validate.compare import OutputStats
+    exact = np.linspace(-1, 1, 64).reshape(4, 16)
+    eager, exported = exact + eager_error, exact.copy()
+    exported[1, 3] += export_error
+    stats = OutputStats("y")
+    stats.float32_level, stats.independent_kernels = level, True
+    stats.add(eager, exported)
+    stats.add_float64(eager, exported, exact)
+    return stats.result()
+
+
+def test_the_export_check_is_judged_on_the_pairs_own_noise():
+    reordered = _pair_stats(4.2e-6)  # float32 reordering in the exporter: 4200x eager's error
+    assert reordered.passed is True and reordered.error_ratio > 1000
+    wrong = _pair_stats(3e-3)  # a wrong export: far beyond the model's float32 level
+    assert wrong.passed is False
+
+
+def test_without_independent_kernels_the_same_pair_is_judged_by_the_multiple():
+    from normswap.validate.compare import OutputStats
+    exact = np.linspace(-1, 1, 64).reshape(4, 16)
+    stats = OutputStats("y")
+    stats.float32_level = 1e-4
+    cand = exact.copy()
+    cand[1, 3] += 4.2e-6
+    stats.add(exact + 1e-9, cand)
+    stats.add_float64(exact + 1e-9, cand, exact)
+    assert stats.result().passed is False  # a rewrite judged against the original: 4200x its error fails

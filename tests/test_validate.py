@@ -301,3 +301,22 @@ def test_arrays_with_different_sample_counts_are_refused():
     with pytest.raises(UsageError, match="different numbers of samples"):
         check_feeds({"x": np.zeros((3, 4, 5, 5), np.float32), "z": np.zeros((2, 2), np.float32)}, m, "data")
     assert len(check_feeds({"x": np.zeros((3, 4, 5, 5), np.float32), "z": np.zeros((3, 2), np.float32)}, m, "d")) == 2
+
+
+def test_cuda_sessions_run_with_tf32_off_and_the_report_says_so_only_on_cuda():
+    from normswap.validate.providers import CPU, CUDA, session_providers
+    assert session_providers((CUDA, CPU)) == [(CUDA, {"use_tf32": "0"}), CPU]
+    assert session_providers((CUDA, CPU), tf32=True)[0] == (CUDA, {"use_tf32": "1"})
+    assert session_providers((CPU,)) == [CPU]
+    report = normswap.convert(conv_bn(np.random.default_rng(0)), to="fold", provider="cpu").report.validation
+    assert report.tf32 is None and report.reference_optimization == "ORT_DISABLE_ALL"
+
+
+def test_a_probability_map_whose_outputs_vary_carries_no_caution_and_a_constant_one_does():
+    from tests.builders import paddle_style
+    m = paddle_style(np.random.default_rng(0), "map", 11)
+    x = np.random.default_rng(1).standard_normal((6, 3, 16, 16)).astype(np.float32)
+    varied = normswap.convert(m, to="fold", inputs={"x": x}).report.validation
+    assert varied.rule == "noise floor" and not varied.cautions
+    same = normswap.convert(m, to="fold", inputs={"x": np.repeat(x[:1], 6, axis=0)}).report.validation
+    assert same.cautions and "same for all 6 samples" in same.cautions[0]

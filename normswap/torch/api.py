@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..validate.agreement import TaskMeasure
 from ..errors import option
 from ..errors import OutputError, UnsupportedError, UsageError, ValidationFailedError
 from ..report import ConversionReport
@@ -79,7 +80,7 @@ def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibr
                   refit_output_layer: bool, choose_groups: bool, calibration_batch_size: int,
                   calibration_memory: int, distill_steps: int, distill_scope: str, distill_holdout: float,
                   keep_unfoldable: bool, validate: bool, provider: str, inputs, atol: float | None, rtol: float | None,
-                  min_cosine: float | None, min_agreement: float | None,
+                  min_cosine: float | None, min_agreement: float | None, task: TaskMeasure,
                   progress: Callable[[int, int, str], None] | None) -> TorchConversionResult:
     target = get_target(to)
     arity = positional_arity(module)
@@ -131,7 +132,7 @@ def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibr
         try:
             report.validation, report.deployable = validate_modules(
                 module, converted, held, exact=target.exact, provider=provider, atol=atol, rtol=rtol,
-                min_cosine=min_cosine, min_agreement=min_agreement,
+                min_cosine=min_cosine, min_agreement=min_agreement, task=task,
                 source="given inputs" if inputs is not None else "example inputs")
         except UnsupportedError as e:  # the conversion stands; only its check could not run
             report.validation_error = f"validation could not run: {e}"

@@ -15,6 +15,7 @@ from ..comparison import LATENCY_BATCH, LATENCY_ROUNDS, batch_independent, group
 from ..errors import UsageError, option
 from ..report import CompareRow
 from ..targets import get_target
+from ..validate.agreement import TaskMeasure, task_agreement
 from ..validate.compare import OutputStats
 from ..validate.float64 import FLOAT64_SAMPLES
 from .calibrate import module_device
@@ -23,7 +24,7 @@ from .validate import _outputs, float64_outputs
 
 
 def compare_torch(module: nn.Module, names: tuple[str, ...], *, groups, calibration, inputs, example_inputs,
-                  latency: bool) -> tuple[list[CompareRow], str, list[str], int]:
+                  latency: bool, task: TaskMeasure) -> tuple[list[CompareRow], str, list[str], int]:
     from ..api import convert
     held = as_args(inputs) if inputs is not None else None
     notes = []
@@ -49,13 +50,18 @@ def compare_torch(module: nn.Module, names: tuple[str, ...], *, groups, calibrat
         report = result.report
         model = result.model.eval()
         got = [o.detach().cpu().numpy() for o in _outputs(model, held)]
-        stats = OutputStats("output", track_spread=True)
+        stats = OutputStats("output", track_spread=True, threshold=task.threshold)
         stats.add(reference[0], got[0])
         check = "exact" if report.exact else "fidelity"
         if report.exact and reference64 is not None:
             mine = _outputs(model, first)[0].detach().cpu().numpy()
             stats.add_float64(reference32[0], mine, reference64[0])
         comparison = stats.result(check)
+        if task.metric is not None:
+            agreement, measure = task_agreement(task.metric, reference, got), f"task metric '{task.metric_name}'"
+        else:
+            agreement = comparison.agreement
+            measure = f"{comparison.agreement_measure} on output 0" if agreement is not None else None
         c = report.calibration
         rows.append(CompareRow(
             target=name, exact=report.exact, top1_agreement=comparison.top1_agreement, cosine=comparison.cosine,
@@ -64,7 +70,7 @@ def compare_torch(module: nn.Module, names: tuple[str, ...], *, groups, calibrat
             original_latency_ms=None, calibration_seconds=c.seconds if c else None, calibrated=c is not None,
             passed=comparison.passed, kept=report.count("kept"),
             converted=len(report.layers) - report.count("kept") - report.count("skipped"),
-            problem=comparison.problem, report=report))
+            problem=comparison.problem, report=report, agreement=agreement, agreement_measure=measure))
         models.append(model)
     if not any(r.report.layers for r in rows):
         raise UsageError(f"nothing to compare: {type(module).__name__} has no BatchNorm layer")

@@ -1,12 +1,14 @@
 """Comparing one output of the reference and the candidate, streamed over batches.
 
 Exact checks with a float64 evaluation of the original (``add_float64``) pass when the candidate's error against
-it is within ``NOISE_MULTIPLE`` x the original's own float32 error + ``NOISE_FLOOR`` (the noise-floor rule);
-otherwise when ``|cand - ref| <= atol + rtol * |ref|`` everywhere (``numpy.allclose``). Both need NaNs and
+it is within ``NOISE_MULTIPLE`` x the original's own float32 error + ``NOISE_FLOOR`` on the samples evaluated in
+float64, and within the model's float32 level (``float32_level``, see ``float64.yardstick_limit``) of the
+original's float32 run on every sample (the noise-floor rule); otherwise when ``|cand - ref| <= atol + rtol * |ref|``
+everywhere (``numpy.allclose``). Both need NaNs and
 infinities in the same places. Half-precision outputs (float16 / bfloat16) are compared with at least
 ``HALF_ATOL`` / ``HALF_RTOL``, since their last bit is ~1e-3 of the value. Fidelity checks (non-exact targets)
-pass when the cosine similarity is at least ``min_cosine`` and the top-1 agreement at least ``min_agreement``
-(each only when given); with neither gate, a fidelity check is *measured*, not passed (``passed`` is None).
+pass when the cosine similarity is at least ``min_cosine`` and the task agreement (``agreement``: top-1, whole
+sequence, per-pixel argmax or map IoU, by the output's shape) at least ``min_agreement`` (each only when given); with neither gate, a fidelity check is *measured*, not passed (``passed`` is None).
 Neither passes over no values, or when the reference output holds NaN or infinity.
 
 A comparison that cannot tell two models apart carries a ``caution``: the reference output is the same for
@@ -21,12 +23,16 @@ import numpy as np
 
 from ..errors import option
 from ..report import OutputComparison
+from .agreement import DEFAULT_THRESHOLD, Agreement
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
-NOISE_MULTIPLE = 4.0
+NOISE_MULTIPLE = 8.0
 """An exact rewrite passes when its error against the float64 evaluation of the original is at most this many
-times the original's own float32 error against it..."""
+times the original's own float32 error against it. The converted model carries the float32 rounding of every
+weight the rewrite computed (relative ``u`` each) on top of the rounding of its arithmetic, while the original's
+error against its own float64 evaluation carries no weight rounding (both use the stored weights): a correct fold
+of a paddle2onnx classifier measured 3.4x, a channel scaled by 1.01 in the last conv of real exports 30-37x..."""
 NOISE_FLOOR = 1e-6
 """... plus this fraction of the output's largest magnitude (a few float32 ulps: an original that happens to
 round almost exactly must not fail a rewrite that rounds ordinarily)."""
@@ -46,29 +52,31 @@ def effective_tolerance(dtype: np.dtype, atol: float, rtol: float) -> tuple[floa
 
 def top1_agreement(ref: np.ndarray, cand: np.ndarray) -> float | None:
     """Share of rows whose argmax agrees, for class-score outputs shaped (N, K) with K >= 2."""
-    if ref.ndim != 2 or ref.shape[1] < 2 or ref.shape != cand.shape:
-        return None
-    return float(np.mean(np.argmax(ref, axis=1) == np.argmax(cand, axis=1)))
+    agreement = Agreement()
+    agreement.add(np.asarray(ref), np.asarray(cand))
+    return agreement.value if agreement.measure == "top-1" else None
 
 
 class OutputStats:
     """Running comparison of one output over batches (sums in float64)."""
 
     def __init__(self, name: str, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
-                 track_spread: bool = True) -> None:
+                 track_spread: bool = True, threshold: float = DEFAULT_THRESHOLD) -> None:
         self.name, self.atol, self.rtol, self.track_spread = name, atol, rtol, track_spread
         self.shape: list[int] | None = None
         self.dtype = ""
         self.same_shape = self.same_nonfinite = self.within = True
         self.max_abs = self.sum_abs = self.max_ref = self.dot = self.rr = self.cc = 0.0
-        self.count = self.rows = self.agree = 0
-        self.classes = True
+        self.count = 0
+        self.agreement = Agreement(threshold)
         self.reference_finite = True
         self.first_sample: np.ndarray | None = None  # the reference of sample 0, to see whether outputs vary
         self.samples = 0
         self.spread = 0.0  # max |ref[i] - ref[0]| over samples i (finite values)
         self.f64_samples = 0  # samples with a float64 reference (add_float64)
         self.f64_scale = self.original_error = self.converted_error = 0.0
+        self.float32_level = 0.0  # relative error a float32 run of this model may have (float64.yardstick_limit)
+        self.independent_kernels = False  # the two sides run different kernels (torch eager vs onnxruntime)
         self.applied_atol = atol  # raised for half-precision outputs
 
     def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
@@ -99,11 +107,7 @@ class OutputStats:
         a, rt = effective_tolerance(ref_a.dtype, self.atol, self.rtol)
         self.applied_atol = a
         self.within &= bool(np.all(diff <= a + rt * np.abs(rf)))
-        if ref_a.ndim == 2 and ref_a.shape[1] >= 2:
-            self.rows += ref_a.shape[0]
-            self.agree += int(np.sum(np.argmax(r, axis=1) == np.argmax(c, axis=1)))
-        else:
-            self.classes = False
+        self.agreement.add(r, c)
 
     def add_float64(self, ref: np.ndarray, cand: np.ndarray, ref64: np.ndarray) -> None:
         """The same samples' float64 evaluation of the original: how far the original's float32 run (``ref``)
@@ -123,12 +127,18 @@ class OutputStats:
     def _noise_floor_pass(self) -> bool:
         """Relative to each output's largest magnitude: within ``NOISE_MULTIPLE`` x the original's own float32
         error (+ ``NOISE_FLOOR``) of the float64 reference on the samples it covers; and on every sample, within
-        that bound plus the original's error of the original's float32 output (the triangle inequality)."""
+        that bound plus the original's error (the triangle inequality) or the model's float32 level, whichever is
+        larger, of the original's float32 output (a few samples' float32 error need not be the largest: a
+        softmax's saturated samples round almost exactly). With ``independent_kernels`` (a module against its own
+        export: two implementations whose float32 noises are independent, so one side's error bounds nothing of
+        the other's) the float32 level also bounds the error against float64."""
         if self.f64_scale == 0:
             return self.converted_error == 0 and self.max_abs == 0
         original = self.original_error / self.f64_scale
         allowed = NOISE_MULTIPLE * original + NOISE_FLOOR
-        everywhere = self.max_abs <= (allowed + original) * max(self.max_ref, self.f64_scale)
+        if self.independent_kernels:
+            allowed = max(allowed, self.float32_level)
+        everywhere = self.max_abs <= max(allowed + original, self.float32_level) * max(self.max_ref, self.f64_scale)
         return self.converted_error / self.f64_scale <= allowed and everywhere
 
     def _track_spread(self, r: np.ndarray) -> None:
@@ -178,7 +188,8 @@ class OutputStats:
         if not self.same_shape:
             return OutputComparison(self.name, shape, self.dtype, None, None, None, None, None, False)
         max_rel = self.max_abs / self.max_ref if self.max_ref > 0 else (0.0 if self.max_abs == 0 else math.inf)
-        top1 = self.agree / self.rows if self.classes and self.rows else None
+        agreement, measure = self.agreement.value, self.agreement.measure
+        top1 = agreement if measure == "top-1" else None
         passed: bool | None
         if check == "exact" and self.f64_samples:
             passed = self.same_nonfinite and self._noise_floor_pass()
@@ -188,7 +199,7 @@ class OutputStats:
             passed = None if self.same_nonfinite else False
         else:
             passed = (self.same_nonfinite and (min_cosine is None or self.cosine >= min_cosine)
-                      and (min_agreement is None or top1 is None or top1 >= min_agreement))
+                      and (min_agreement is None or agreement is None or agreement >= min_agreement))
         problem = None
         if not self.reference_finite:
             problem = "the reference output holds NaN or infinity: nothing can be confirmed"
@@ -197,7 +208,8 @@ class OutputStats:
         mean_abs = self.sum_abs / self.count if self.count else 0.0
         comparison = OutputComparison(self.name, shape, self.dtype, _finite(self.max_abs), _finite(max_rel),
                                       _finite(mean_abs), _finite(self.cosine), top1, False if problem else passed,
-                                      problem, self.caution(check))
+                                      problem, self.caution(check), agreement=agreement,
+                                      agreement_measure=measure, agreements=self.agreement.extras)
         if self.f64_samples and self.f64_scale > 0:
             comparison.original_error = self.original_error / self.f64_scale
             comparison.converted_error = self.converted_error / self.f64_scale

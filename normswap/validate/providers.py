@@ -104,6 +104,13 @@ def select_providers(requested: str, runtime: ModuleType | None = None) -> Provi
     return ProviderChoice(requested, (CPU,), f"CPU (CUDA not usable: {why})")
 
 
+def session_providers(providers: tuple[str, ...] | list[str], tf32: bool = False) -> list:
+    """The providers as onnxruntime's session takes them: CUDA with TF32 off unless ``tf32`` -- TF32 rounds
+    matmul and convolution inputs to 10 mantissa bits (about 1e-3 relative), a known source of large CUDA
+    mismatches that an exact check would blame on the rewrite."""
+    return [(p, {"use_tf32": "1" if tf32 else "0"}) if p == CUDA else p for p in providers]
+
+
 def check_ran(choice: ProviderChoice, actual: list[str]) -> None:
     """Fail when CUDA was demanded but the real session did not create it."""
     if choice.requested == "cuda" and CUDA not in actual:
