@@ -139,7 +139,7 @@ def run(setting: Setting, log=print) -> dict[tuple[str, str], list[Outcome]]:
     results: dict[tuple[str, str], list[Outcome]] = {}
     for seed in setting.seeds:
         torch.manual_seed(seed)
-        original = make_fixtures.train(make_fixtures.build_model(), x_train[:900], y_train[:900], seed=seed)
+        original = make_fixtures.train(make_fixtures.build_model(seed), x_train[:900], y_train[:900], seed=seed)
         unlabeled = x_train[900:1200]  # the original domain, unlabeled: what calibration sees
         for domain in DOMAINS:
             pool = shift(x_train[:900], domain, seed)

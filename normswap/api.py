@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,29 +70,33 @@ class ConversionResult:
     graph: object | None = None  # the converted model as an onnx_graphsurgeon.Graph, when one was given
 
     def save(self, path: str | os.PathLike, *, keep_invalid: bool = False, external_data: bool | None = None,
-             progress: Progress | None = None) -> list[Path]:
-        """Write the model atomically; with external data when the input had it, when asked, or above 2 GB."""
+             progress: Progress | None = None, protected: Iterable[str | os.PathLike] = ()) -> list[Path]:
+        """Write the model atomically; with external data when the input had it, when asked, or above 2 GB. No
+        file the source model reads, nor any in ``protected`` (other files the caller reads), is ever removed or
+        overwritten (a data file the replaced output used is removed only when none of them reads it)."""
         from .onnx.io import save_model
-        _check_not_a_read_file(self.model, self.report.source, path)
+        reads = _check_not_a_read_file(self.model, self.report.source, path)
         if self.report.passed is False and not keep_invalid:
             raise ValidationFailedError("the converted model failed validation, so it was not written; "
                                         f"inspect the report, or pass {option('keep_invalid', True)}")
         use_external = self.had_external_data if external_data is None else external_data
-        written = save_model(self.model, path, external_data=use_external, progress=progress)
+        written = save_model(self.model, path, external_data=use_external, progress=progress,
+                             protected=[*reads, *map(Path, protected)])
         self.report.output = str(path)
         return written
 
 
-def _check_not_a_read_file(model: onnx.ModelProto, source: str, dest: str | os.PathLike) -> None:
+def _check_not_a_read_file(model: onnx.ModelProto, source: str, dest: str | os.PathLike) -> list[Path]:
     """Refuse to write over the source model's external data, or any file the model still reads lazily (the
-    source model file itself may be replaced)."""
+    source model file itself may be replaced); returns those files and the source model."""
     from .onnx.external import bound_ref, is_external
     from .paths import WritePlan, external_files
-    files = {bound_ref(t)[0] for t in model.graph.initializer if is_external(t)}
+    files = {Path(bound_ref(t)[0]) for t in model.graph.initializer if is_external(t)}
     if Path(source).is_file():
         files.update(external_files(Path(source)))
     if files:
         WritePlan(sorted(files)).add(dest, "the output")
+    return sorted(files) + ([Path(source)] if Path(source).is_file() else [])
 
 
 def _check_options(to: str, layer_over: str, atol: float | None, rtol: float | None,
@@ -108,6 +112,35 @@ def _check_options(to: str, layer_over: str, atol: float | None, rtol: float | N
             raise UsageError(f"{name} must lie between -1 and 1")
     if batch_size < 1:
         raise UsageError("the calibration batch size must be positive")
+
+
+VALIDATION_HOLDOUT = 0.15  # of the calibration data, held aside to validate on when no --inputs are given
+
+
+def hold_aside(calib: Mapping[str, np.ndarray], share: float):
+    """(calibration data, validation inputs) from calibration data alone: the last ``share`` of the samples (at
+    least one) validate and are not calibrated on; with ``share`` 0 (exact targets: nothing is fitted), or one
+    sample, all of it validates."""
+    from .validate.inputs import CheckedFeeds
+    count = next((len(v) for v in calib.values() if np.ndim(v)), 0)
+    held = max(1, round(count * share)) if share and count >= 2 else 0
+    if not held:
+        return calib, CheckedFeeds(calib, f"the {option('calibration')} data ({count} samples; nothing is fitted "
+                                          "to it)" if share == 0 else f"the {option('calibration')} data")
+    cut = {k: (v[:count - held], v[count - held:]) if np.ndim(v) and len(v) == count else (v, v)
+           for k, v in calib.items()}
+    return ({k: a for k, (a, _) in cut.items()},
+            CheckedFeeds({k: b for k, (_, b) in cut.items()}, f"{held} sample(s) held aside from the "
+                         f"{option('calibration')} data (not calibrated on); pass {option('inputs')} for your own"))
+
+
+def exporter_folded_hint(model: onnx.ModelProto) -> str:
+    """Said when a model without BatchNormalization comes from torch.onnx: its exporter folds BN by default."""
+    if not model.producer_name.lower().startswith("pytorch"):
+        return ""
+    return ("; torch.onnx.export folds BatchNorm into the convs by default -- to keep it, export the module in eval "
+            "mode with dynamo=True, optimize=False (the TorchScript exporter, dynamo=False, always folds it), or "
+            "convert the torch module itself (normswap convert --torch-model)")
 
 
 def task_measure(task_metric: TaskMetric | None, map_threshold: float) -> TaskMeasure:
@@ -241,7 +274,12 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
     from .validate.inputs import check_input_shapes, checked_inputs
     check_input_shapes(original, input_shapes)  # every argument is checked before any work
     inputs = checked_inputs(inputs, original) if validate else inputs
-    calib = _calibration_data(calibration, original) if replacing and calibration is not None else None
+    calib = _calibration_data(calibration, original) if calibration is not None and (
+        replacing or (validate and inputs is None)) else None
+    calib_validates = validate and inputs is None and calib is not None
+    if calib_validates:  # the data the user gave, not random inputs
+        calib, inputs = hold_aside(calib, VALIDATION_HOLDOUT if replacing else 0.0)
+    calib = calib if replacing else None
     before = graph_count(original)
     if in_memory or opset is not None:  # keep the caller's object / the original intact
         reference: onnx.ModelProto | Path = original
@@ -260,7 +298,8 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
     if choose_groups and calibration is None:
         notes.append(auto_groups_note(groups))
     if calibration is not None and not replacing:
-        notes.append(f"calibration data ignored: {option('to', to)} is exact and has nothing to fit")
+        used = " (it served as the validation inputs)" if calib_validates else ""
+        notes.append(f"calibration data not fitted to: {option('to', to)} is exact and has nothing to fit{used}")
     kept = sum(r.action == "kept" for r in conversion.records)
     if kept:
         notes.append(f"{kept} BatchNormalization node(s) kept as they were; see each one's reason")
@@ -281,7 +320,8 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
             notes.append("function NOT preserved: without calibration data the new layers use the BN's gamma and "
                          f"beta; pass {option('calibration')} data (a few hundred unlabeled samples)")
     if not conversion.records:
-        notes.append("nothing to convert: the model has no BatchNormalization (it was not validated)")
+        notes.append("nothing to convert: the model has no BatchNormalization (it was not validated)"
+                     + exporter_folded_hint(original))
     elif validate:
         main_norms = tuple(n.y for n in conversion.new_norms if n.graph == "main")
         report.validation = validate_models_checked(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -16,6 +17,7 @@ from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_UNSU
 from .report import ConversionReport, InspectReport, ValidationReport
 from .api import CALIBRATION_BATCH
 from .targets import DEFAULT_GROUPS, LAYER_OVER, TARGET_NAMES, resolve_groups
+from .terminal import printable
 from .validate.agreement import DEFAULT_THRESHOLD
 from .validate.compare import DEFAULT_ATOL, DEFAULT_RTOL, NOISE_FLOOR, NOISE_MULTIPLE
 from .validate.providers import PROVIDER_CHOICES
@@ -24,11 +26,32 @@ from .validate.providers import PROVIDER_CHOICES
 class _Group(click.Group):
     """Turns NormswapError into one line on stderr and its exit code; tracebacks only with --debug."""
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's standalone mode, except that Ctrl-C anywhere -- also while a finished run winds down, outside
+        ``invoke`` -- exits 130 (click would say "Aborted!" and exit 1)."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            try:
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+                code = rv if isinstance(rv, int) else 0
+            except click.Abort:
+                click.echo("normswap: interrupted; nothing was written in place of an existing file", err=True)
+                code = EXIT_INTERRUPTED
+            except click.ClickException as e:
+                e.show()
+                code = e.exit_code
+            sys.exit(code)
+        except KeyboardInterrupt:
+            sys.exit(EXIT_INTERRUPTED)
+
     def invoke(self, ctx: click.Context):
         previous, stdout = signal.signal(signal.SIGTERM, _terminated), sys.stdout
         sys.stdout = _PipeSafe(stdout)
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():  # numpy's RuntimeWarnings (overflow near 3e38...) print source lines;
+                warnings.simplefilter("ignore", RuntimeWarning)  # the rewrites check the values they keep
+                return super().invoke(ctx)
         except KeyboardInterrupt:  # Ctrl-C: temporary files were removed on the way out
             click.echo("normswap: interrupted; nothing was written in place of an existing file", err=True)
             ctx.exit(EXIT_INTERRUPTED)
@@ -38,7 +61,7 @@ class _Group(click.Group):
         except NormswapError as e:
             if ctx.meta.get("normswap.debug"):
                 raise
-            click.echo(f"normswap: error: {e}", err=True)
+            click.echo(f"normswap: error: {printable(e)}", err=True)
             ctx.exit(e.exit_code)
         except click.UsageError as e:  # click's own (a bad option value): one line too, same exit code
             if ctx.meta.get("normswap.debug"):
@@ -46,12 +69,18 @@ class _Group(click.Group):
             where = f"normswap {e.ctx.info_name}" if e.ctx is not None and e.ctx.info_name else "normswap"
             click.echo(f"normswap: error: {e.format_message().rstrip('.')}; see '{where} --help'", err=True)
             ctx.exit(e.exit_code)
+        except MemoryError:  # what no size check foresaw (an address-space limit, a huge intermediate value)
+            if ctx.meta.get("normswap.debug"):
+                raise
+            click.echo("normswap: error: ran out of memory; free memory, raise the limit (ulimit -v), or pass "
+                       "smaller inputs / fewer samples", err=True)
+            ctx.exit(EXIT_UNSUPPORTED)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as e:  # a bug: say so in one line
             if ctx.meta.get("normswap.debug"):
                 raise
-            click.echo(f"normswap: internal error: {type(e).__name__}: {e}; rerun with --debug and report it",
+            click.echo(f"normswap: internal error: {type(e).__name__}: {printable(e)}; rerun with --debug and report it",
                        err=True)
             ctx.exit(EXIT_INTERNAL)
         finally:
@@ -69,6 +98,9 @@ class _PipeSafe:
     def write(self, text: str) -> int:
         if not self.closed_pipe:
             try:
+                if isinstance(text, str):  # no terminal escape from a model gets through
+                    self.stream.write(printable(text, keep="\n"))
+                    return len(text)
                 return self.stream.write(text)
             except BrokenPipeError:
                 self._drop()
@@ -126,10 +158,12 @@ def _validation_options(f):
         click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
                      help="Shape for an input with symbolic dimensions (repeatable)."),
         click.option("--atol", type=float, default=None,
-                     help=f"Exact checks: judge elementwise with this absolute tolerance (with --rtol, default "
-                          f"{DEFAULT_RTOL:g}) instead of against the float64 noise floor."),
+                     help="Exact checks: judge elementwise, |cand - ref| <= atol + rtol*|ref|, with this absolute "
+                          f"tolerance instead of against the float64 noise floor (rtol then {DEFAULT_RTOL:g} unless "
+                          "given)."),
         click.option("--rtol", type=float, default=None,
-                     help=f"Exact checks: elementwise relative tolerance (with --atol, default {DEFAULT_ATOL:g})."),
+                     help="Exact checks: judge elementwise with this relative tolerance (atol then "
+                          f"{DEFAULT_ATOL:g} unless given)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs."),
         _map_threshold_option,
         click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
@@ -150,17 +184,18 @@ def _path(value: str | None) -> Path | None:
     return Path(value) if value is not None else None
 
 
-def _plan_report(plan, report_path: str | None) -> None:
-    """Check --report against everything the command reads and writes, before any work."""
+def _plan_report(plan, report_path: str | None):
+    """Check --report against everything the command reads and writes, before any work; returns the plan."""
     if report_path is not None and report_path != "-":
         plan.add(report_path, "--report")
+    return plan
 
 
 def _is_html(path: str | None) -> bool:
     return path is not None and path.lower().endswith((".html", ".htm"))
 
 
-def _write_report(report, path: str | None, **context) -> None:
+def _write_report(report, path: str | None, reads=(), **context) -> None:
     """JSON, or one self-contained HTML page when the name ends in .html / .htm."""
     if path is None:
         return
@@ -173,7 +208,7 @@ def _write_report(report, path: str | None, **context) -> None:
         click.echo(text, nl=False)
         return
     from .onnx.io import write_atomically
-    write_atomically(Path(path), lambda f: f.write(text.encode()))
+    write_atomically(Path(path), lambda f: f.write(text.encode()), protected=reads)
 
 
 def _fmt(x, spec: str = ".3g") -> str:
@@ -210,7 +245,7 @@ def _print_validation(v: ValidationReport) -> None:
     exported = f"; exported with {v.exported_with}" if v.exported_with else ""
     shape = v.outputs[0].shape if v.outputs else []
     samples = f" ({shape[0]} sample(s))" if shape else ""
-    click.echo(f"validation ({rule}) on {', '.join(v.providers)}; inputs: {v.inputs}{samples}{exported}")
+    click.echo(printable(f"validation ({rule}) on {', '.join(v.providers)}; inputs: {v.inputs}{samples}{exported}"))
     header = ["  output", f"{'max_abs':>10}", f"{'max_rel':>10}", f"{'mean_abs':>10}", f"{'cosine':>10}",
               f"{'agree':>6}",
               "result"]
@@ -220,12 +255,12 @@ def _print_validation(v: ValidationReport) -> None:
     for o in v.outputs:
         if o.agreement is not None:
             extras = "".join(f", {k} {x:.3f}" for k, x in o.agreements.items())
-            click.echo(f"  {o.name}: agreement = {o.agreement_measure}{extras}")
+            click.echo(printable(f"  {o.name}: agreement = {o.agreement_measure}{extras}"))
     if v.task_agreement is not None:
-        click.echo(f"  task metric '{v.task_metric}': agreement {v.task_agreement:.4f}")
+        click.echo(printable(f"  task metric '{v.task_metric}': agreement {v.task_agreement:.4f}"))
     for o in v.outputs:
         if o.problem:
-            click.echo(f"  {o.name}: {o.problem}")
+            click.echo(printable(f"  {o.name}: {o.problem}"))
         if o.original_error is not None:
             ratio = "" if o.error_ratio is None else f", {o.error_ratio:.2g}x"
             click.echo(f"  {o.name}: error against float64 {_fmt(o.converted_error)} (original's own float32 "
@@ -233,9 +268,9 @@ def _print_validation(v: ValidationReport) -> None:
     if v.tf32 is not None:
         click.echo(f"CUDA: TF32 {'on' if v.tf32 else 'off'}; graph optimizations: {v.reference_optimization}")
     if v.rule_note:
-        click.echo(f"note: {v.rule_note}")
+        click.echo(printable(f"note: {v.rule_note}"))
     for caution in v.cautions:
-        click.echo(f"warning: validation cannot tell the models apart on {caution}", err=True)
+        click.echo(printable(f"warning: validation cannot tell the models apart on {caution}"), err=True)
 
 
 def _size_change(source: Path, written: list[Path]) -> str | None:
@@ -267,6 +302,7 @@ def _table(rows: list[list[str]], header: list[str], name_columns: tuple[int, ..
     """Left-aligned columns; on a terminal, fitted to its width (names shortened in the middle, the reason cut at
     the edge; the JSON report keeps them whole)."""
     from .terminal import fit_table, terminal_width
+    rows = [[printable(cell) for cell in row] for row in rows]  # one line per row, whatever a name holds
     for line in fit_table(rows, header, terminal_width(), name_columns):
         click.echo(line)
 
@@ -305,7 +341,7 @@ def _print_conversion(r: ConversionReport) -> None:
         if c.batch_layout:
             click.echo(f"calibration batches: {c.batch_layout}")
     for note in r.notes:
-        click.echo(f"note: {note}")
+        click.echo(printable(f"note: {note}"))
     if r.function_preserved is False and r.calibration is None:
         click.echo("warning: the converted model does NOT compute what the original did: pass --calibrate "
                    "data.npz (a few hundred unlabeled samples) so the new layers are fitted", err=True)
@@ -410,20 +446,32 @@ def inspect(model: str | None, torch_model: str | None, weights: str | None, as_
     sizes = parse_batch_sizes(batch_sizes)
     check_batches(batches)
     reads = [_path(model), *(external_files(Path(model)) if model else []), _path(weights), _path(sensitivity_data)]
-    _plan_report(WritePlan([r for r in reads if r is not None]), report_path)
+    reads = _plan_report(WritePlan([r for r in reads if r is not None]), report_path).reads
     target = _torch_module(torch_model, weights) if torch_model else model
     data = None
     if sensitivity_data is not None:
         data = _torch_args(target, {}, sensitivity_data, seed) if torch_model else sensitivity_data
-    report: InspectReport = inspect_model(target, batch_sensitivity_data=data, batch_sizes=sizes, batches=batches,
-                                          seed=seed, provider=provider)
-    _write_report(report, report_path)
-    if as_json or report_path == "-":
-        if report_path != "-":
-            click.echo(report.to_json())
-        return
+    report: InspectReport = inspect_model(target)  # the table first: the sensitivity probe takes minutes
+    quiet = as_json or report_path == "-"
+    if not quiet:
+        _print_sites(report, bool(torch_model))
+    if data is not None:
+        from .api import batch_sensitivity
+        with _progress(quiet) as progress:
+            report.batch_sensitivity = batch_sensitivity(target, data, batch_sizes=sizes, batches=batches, seed=seed,
+                                                         provider=provider, progress=progress or False)
+        if not quiet:
+            _print_sensitivity(report.batch_sensitivity)
+    _write_report(report, report_path, reads)
+    if as_json and report_path != "-":
+        click.echo(report.to_json())
+    elif report_path is not None and report_path != "-":
+        click.echo(f"wrote {report_path}")
+
+
+def _print_sites(report: InspectReport, torch_model: bool) -> None:
     if report.problem:
-        click.echo(f"warning: {report.problem}", err=True)
+        click.echo(printable(f"warning: {report.problem}"), err=True)
     if torch_model:
         _table([[s["name"], s["type"], _fmt(s["channels"], "d"), "yes" if s["couples_samples"] else "no",
                  "yes" if s["affine"] else "no", "yes" if s["running_stats"] else "no",
@@ -431,19 +479,15 @@ def inspect(model: str | None, torch_model: str | None, weights: str | None, as_
                ["layer", "type", "C", "couples samples", "affine", "running stats", "frozen", "why"])
         coupled = sum(s["couples_samples"] for s in report.sites)
         click.echo(f"{len(report.sites)} normalization layer(s), {coupled} couple the samples of a batch in training")
-    else:
-        click.echo(f"{report.source}: opset {report.opset}, IR version {report.ir_version}")
-        _table([[s["name"], s["op"], _fmt(s["channels"], "d"),
-                 f"{s['producer_op'] or '-'} {s['producer'] or ''}".strip(), s["action_under_fold"], s["reason"]]
-                for s in report.sites], ["layer", "op", "C", "producer", "under --to fold", "reason"],
-               name_columns=(0, 3))
-        click.echo(f"{len(report.sites)} normalization site(s), {sum(s['foldable'] for s in report.sites)} foldable")
-        for line in _totals(report.sites):
-            click.echo(line)
-    if report.batch_sensitivity is not None:
-        _print_sensitivity(report.batch_sensitivity)
-    if report_path is not None:
-        click.echo(f"wrote {report_path}")
+        return
+    click.echo(printable(f"{report.source}: opset {report.opset}, IR version {report.ir_version}"))
+    _table([[s["name"], s["op"], _fmt(s["channels"], "d"),
+             f"{s['producer_op'] or '-'} {s['producer'] or ''}".strip(), s["action_under_fold"], s["reason"]]
+            for s in report.sites], ["layer", "op", "C", "producer", "under --to fold", "reason"],
+           name_columns=(0, 3))
+    click.echo(f"{len(report.sites)} normalization site(s), {sum(s['foldable'] for s in report.sites)} foldable")
+    for line in _totals(report.sites):
+        click.echo(printable(line))
 
 
 def _print_sensitivity(s) -> None:
@@ -454,7 +498,7 @@ def _print_sensitivity(s) -> None:
             + [_fmt(layer.unreliable_up_to, "d")] for layer in s.ranked()],
            ["layer", "C"] + [f"@{b}" for b in s.batch_sizes] + ["unreliable up to"])
     for note in s.notes:
-        click.echo(f"note: {note}")
+        click.echo(printable(f"note: {note}"))
     bad = s.unreliable()
     if not s.batch_sizes:
         click.echo("no batch size could be measured (see the notes above)")
@@ -515,7 +559,7 @@ def compare(model: str | None, torch_model: str | None, weights: str | None, tar
         resolve_groups("group", groups, None)
     reads = [_path(model), *(external_files(Path(model)) if model else []), _path(weights), _path(calibration),
              _path(inputs)]
-    _plan_report(WritePlan([r for r in reads if r is not None]), report_path)
+    reads = _plan_report(WritePlan([r for r in reads if r is not None]), report_path).reads
     shapes = _shapes(input_shapes)
     if torch_model:
         module = _torch_module(torch_model, weights)
@@ -529,7 +573,7 @@ def compare(model: str | None, torch_model: str | None, weights: str | None, tar
         report = compare_targets(target, names, groups=groups, calibration=calib, inputs=held, provider=provider,
                                  seed=seed, purpose=purpose, latency=not no_latency, map_threshold=map_threshold,
                                  progress=progress, **extra)
-    _write_report(report, report_path)
+    _write_report(report, report_path, reads)
     if report_path == "-":
         return
     _table([[r.target, "yes" if r.exact else "no", _fmt(r.agreement, ".2%"), _fmt(r.cosine, ".5f"),
@@ -546,11 +590,11 @@ def compare(model: str | None, torch_model: str | None, weights: str | None, tar
         click.echo(f"latency: per batch of {report.latency_batch}, {report.latency_source}, fastest of several "
                    f"rounds; the original takes {original:.3g} ms")
     for note in report.notes:
-        click.echo(f"note: {note}")
+        click.echo(printable(f"note: {note}"))
     if report.recommended:
-        click.echo(f"recommended for {purpose}: {report.recommended} -- {report.reason}")
+        click.echo(printable(f"recommended for {purpose}: {report.recommended} -- {report.reason}"))
     else:
-        click.echo(f"no recommendation for {purpose}: {report.reason}")
+        click.echo(printable(f"no recommendation for {purpose}: {report.reason}"))
     if report_path is not None:
         click.echo(f"wrote {report_path}")
 
@@ -618,6 +662,7 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
     """Convert the BatchNorm layers of MODEL (.onnx), or of a torch module (--torch-model), and validate the
     result."""
     from .api import convert as convert_model
+    from .api import exporter_folded_hint
     from .onnx.io import same_file
     from .paths import WritePlan, external_files
     _model_source(model, torch_model)
@@ -641,6 +686,7 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
     plan = WritePlan([source, *external_files(source), _path(calibration), _path(inputs)])
     replacing = in_place and source.exists() and out.exists() and same_file(source, out)
     out = plan.add(out, "-o" if output is not None else "the output", may_replace_input=replacing)
+    plan.reserve(out.parent / f"{out.name}.data", "data file of the output")  # where its external data may go
     _plan_report(plan, report_path)
     shapes = _shapes(input_shapes)
     quiet = quiet or report_path == "-"
@@ -657,25 +703,26 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
     quiet = report_path == "-"
     if not report.layers:  # nothing to do: no file is written, and that is a success
         if not quiet:
-            click.echo(f"nothing to convert: {source} has no BatchNormalization; nothing written")
-        _write_report(report, report_path)
+            click.echo(printable(f"nothing to convert: {source} has no BatchNormalization; nothing written"
+                                 + exporter_folded_hint(result.model)))
+        _write_report(report, report_path, plan.reads)
         return
     if not quiet:
         _print_conversion(report)
     failed = report.passed is False
     if not failed or keep_invalid:
         with _progress(quiet) as progress:
-            written = result.save(out, keep_invalid=keep_invalid, progress=progress)
+            written = result.save(out, keep_invalid=keep_invalid, progress=progress, protected=plan.reads)
         growth = _size_change(source, written)
         if growth:
             report.notes.append(growth)
         if not quiet:
             click.echo(f"wrote {', '.join(str(p) for p in written)}")
             if growth:
-                click.echo(f"note: {growth}")
+                click.echo(printable(f"note: {growth}"))
     elif not quiet:
         click.echo("validation failed: nothing written (pass --keep-invalid to write it anyway)", err=True)
-    _write_report(report, report_path)
+    _write_report(report, report_path, plan.reads)
     if failed:
         sys.exit(EXIT_VALIDATION_FAILED)
 
@@ -738,7 +785,7 @@ def _convert_torch(spec, weights, export_onnx, distillation, target, output, kee
     if not report.layers:
         if report_path != "-":
             click.echo(f"nothing to convert: {spec} has no BatchNorm layer; nothing written")
-        _write_report(report, report_path)
+        _write_report(report, report_path, plan.reads)
         return
     if report_path != "-":
         _print_conversion(report)
@@ -754,11 +801,11 @@ def _convert_torch(spec, weights, export_onnx, distillation, target, output, kee
             click.echo(f"wrote {', '.join(str(p) for p in written)}")
     elif report_path != "-":
         click.echo("validation failed: nothing written (pass --keep-invalid to write it anyway)", err=True)
-    _write_report(report, report_path)
+    _write_report(report, report_path, plan.reads)
     if failed:
         sys.exit(EXIT_VALIDATION_FAILED)
     if report.validation_error:  # the conversion was written; its check could not run
-        click.echo(f"normswap: error: {report.validation_error}; the converted module was written unchecked",
+        click.echo(f"normswap: error: {printable(report.validation_error)}; the converted module was written unchecked",
                    err=True)
         sys.exit(EXIT_UNSUPPORTED)
 
@@ -784,14 +831,15 @@ def validate(reference: str, candidate: str, check: str, min_cosine: float | Non
     from .api import validate as validate_models
     from .paths import WritePlan, external_files
     models = [Path(reference), Path(candidate)]
-    _plan_report(WritePlan(models + [f for m in models for f in external_files(m)] + [_path(inputs)]), report_path)
+    reads = _plan_report(WritePlan(models + [f for m in models for f in external_files(m)] + [_path(inputs)]),
+                         report_path).reads
     report = validate_models(reference, candidate, provider=provider, inputs=inputs,
                              input_shapes=_shapes(input_shapes), atol=atol, rtol=rtol, seed=seed, check=check,
                              min_cosine=min_cosine, min_agreement=min_agreement, map_threshold=map_threshold)
     if report_path != "-":
         _print_validation(report)
         click.echo({True: "passed", False: "FAILED", None: "measured (no gate given)"}[report.passed])
-    _write_report(report, report_path, reference=reference, candidate=candidate)
+    _write_report(report, report_path, reads, reference=reference, candidate=candidate)
     if report.passed is False:
         sys.exit(EXIT_VALIDATION_FAILED)
 

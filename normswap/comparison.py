@@ -163,7 +163,8 @@ def _compare_onnx(model, names, groups, calibration, inputs, input_shapes, provi
         if name in REPLACEMENT_TARGETS and conversion.new_norms:
             jobs[name] = (conversion.new_norms, by_fit)
     if not any(reports[n].layers for n in names):
-        raise UsageError(f"nothing to compare: {source} has no BatchNormalization")
+        from .api import exporter_folded_hint
+        raise UsageError(f"nothing to compare: {source} has no BatchNormalization{exporter_folded_hint(original)}")
     providers = select_providers(provider).providers
     if calib is not None and jobs:
         done = calibrate_many(original, [CalibrationJob(converted[n], norms, True, by_fit)

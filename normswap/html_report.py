@@ -23,8 +23,13 @@ th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.recommended td{background:#eaf6ea}.fail{color:#b00020;font-weight:600}.ok{color:#1a7f37}
 dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:600}dd{margin:0}
 figure{margin:1em 0}figcaption{font-size:.85em;color:#555}.note{color:#555;font-size:.9em}
-svg text{font-size:11px;fill:#333}
+svg text{font-size:11px;fill:#333}svg.plot{max-width:100%;height:auto}
+.scroll{overflow-x:auto;max-width:100%}h1{overflow-wrap:anywhere}
+@media (max-width:500px){body{margin:1em auto;font-size:15px}h1{font-size:1.2em}
+dl{grid-template-columns:auto}dd{margin:0 0 .4em 0}table{font-size:.75em}}
 """
+CHAR_WIDTH, LINE_HEIGHT = 6.6, 13.0  # an 11px label's advance per character and its line height, in SVG units
+MIN_TICK_GAP = 12.0  # px between two x tick labels
 
 
 def _fmt(value, spec: str = ".4g") -> str:
@@ -45,7 +50,7 @@ def _table(header: list[str], rows: list[list], row_class: list[str] | None = No
         cells = "".join(f'<td class="num">{escape(_fmt(v))}</td>' if j in numeric else f"<td>{escape(_fmt(v))}</td>"
                         for j, v in enumerate(row))
         body.append(f"<tr{cls}>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def _summary(items: list[tuple[str, object]]) -> str:
@@ -64,11 +69,50 @@ def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return [start + k * step for k in range(int((hi - start) / step + 1e-9) + 1)]
 
 
+def _box(x: float, y: float, text: str, anchor: str = "start") -> tuple[float, float, float, float]:
+    """The box (x0, y0, x1, y1) an 11px label at (x, y) covers (y is its baseline)."""
+    width = CHAR_WIDTH * len(text)
+    left = x - width / 2 if anchor == "middle" else (x - width if anchor == "end" else x)
+    return left, y - LINE_HEIGHT + 3, left + width, y + 3
+
+
+def _overlaps(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _thin_ticks(positions: list[tuple[float, str]]) -> list[tuple[float, str]]:
+    """Tick labels left to right, each kept only when it clears the last kept one by ``MIN_TICK_GAP``."""
+    kept: list[tuple[float, str]] = []
+    for x, text in sorted(positions):
+        half = CHAR_WIDTH * len(text) / 2
+        if not kept or x - half >= kept[-1][0] + CHAR_WIDTH * len(kept[-1][1]) / 2 + MIN_TICK_GAP:
+            kept.append((x, text))
+    return kept
+
+
+def _place_label(x: float, y: float, text: str, taken: list, area: tuple[float, float, float, float]):
+    """A position for a point's label near (x, y) whose box overlaps no box in ``taken`` and stays in ``area``:
+    above right first, then below, left, further away; None when nothing fits (the mark's tooltip remains)."""
+    for dy in (-6, 14, -20, 28, -34, 42):
+        for dx, anchor in ((6, "start"), (-6, "end")):
+            box = _box(x + dx, y + dy, text, anchor)
+            inside = box[0] >= area[0] and box[2] <= area[2] and box[1] >= area[1] and box[3] <= area[3]
+            if inside and not any(_overlaps(box, t) for t in taken):
+                taken.append(box)
+                return x + dx, y + dy, anchor
+    return None
+
+
 def svg_plot(series: list[tuple[str, list[tuple[float, float, str]]]], *, x_label: str, y_label: str,
-             title: str, lines: bool = True, log_x: bool = False, plot_id: str = "plot") -> str:
-    """Points (x, y, label) per named series; lines join a series' points when ``lines``. Non-finite values are
-    left out (their count is said in the caption by the caller)."""
+             title: str, lines: bool = True, log_x: bool = False, plot_id: str = "plot",
+             highlight: str | None = None, reference_x: tuple[float, str] | None = None) -> str:
+    """Points (x, y, label) per named series; lines join a series' points when ``lines``, else each point is
+    labelled where the label overlaps no other text. ``highlight``: the label of a point drawn larger, ringed and
+    marked; ``reference_x``: (x, label) drawn as a dashed vertical line. Non-finite values are left out (their
+    count is said in the caption by the caller)."""
     points = [(x, y) for _, pts in series for x, y, _ in pts if math.isfinite(x) and math.isfinite(y)]
+    if reference_x is not None and math.isfinite(reference_x[0]):
+        points.append((reference_x[0], points[0][1] if points else 0.0))
     if not points:
         return f'<p class="note">{escape(title)}: nothing to plot.</p>'
     tx = (lambda v: math.log10(v)) if log_x else (lambda v: v)
@@ -94,9 +138,19 @@ def svg_plot(series: list[tuple[str, list[tuple[float, float, str]]]], *, x_labe
     for t in _ticks(y0, y1):
         parts.append(f'<line x1="{LEFT}" x2="{LEFT + w}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#eee"/>'
                      f'<text x="{LEFT - 6}" y="{py(t) + 4:.1f}" text-anchor="end">{t:.4g}</text>')
-    xticks = sorted({x for x, _ in points}) if len({x for x, _ in points}) <= 12 else None
-    for t in xticks or [10 ** v if log_x else v for v in _ticks(x0, x1)]:
-        parts.append(f'<text x="{px(t):.1f}" y="{TOP + h + 16}" text-anchor="middle">{t:.4g}</text>')
+    distinct = sorted({x for x, _ in points})
+    xticks = distinct if len(distinct) <= 12 else [10 ** v if log_x else v for v in _ticks(x0, x1)]
+    for x, text in _thin_ticks([(px(t), f"{t:.4g}") for t in xticks]):
+        parts.append(f'<text class="tick" x="{x:.1f}" y="{TOP + h + 16}" text-anchor="middle">{text}</text>')
+    if reference_x is not None and math.isfinite(reference_x[0]):
+        rx = px(reference_x[0])
+        parts.append(f'<line class="reference" x1="{rx:.1f}" x2="{rx:.1f}" y1="{TOP}" y2="{TOP + h}" stroke="#777" '
+                     f'stroke-dasharray="4 3"/><text x="{rx + 4:.1f}" y="{TOP + 12}">{escape(reference_x[1])}</text>')
+    taken = [_box(rx + 4, TOP + 12, reference_x[1])] if reference_x is not None and math.isfinite(reference_x[0]) \
+        else []
+    taken += [(px(x) - 4, py(y) - 4, px(x) + 4, py(y) + 4) for _, pts in series for x, y, _ in pts
+              if math.isfinite(x) and math.isfinite(y)]  # labels never cover a mark
+    area = (LEFT, TOP, LEFT + w, TOP + h)
     parts.append(f'<text x="{LEFT + w / 2:.1f}" y="{HEIGHT - 10}" text-anchor="middle">{escape(x_label)}</text>')
     parts.append(f'<text transform="translate(14 {TOP + h / 2:.1f}) rotate(-90)" text-anchor="middle">'
                  f"{escape(y_label)}</text>")
@@ -108,12 +162,22 @@ def svg_plot(series: list[tuple[str, list[tuple[float, float, str]]]], *, x_labe
             path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y, _ in finite)
             parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>')
         for x, y, label in finite:
-            parts.append(f'<circle class="mark" cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{color}" '
+            chosen = label == highlight
+            if chosen:
+                parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="8" fill="none" stroke="#1a7f37" '
+                             'stroke-width="2"/>')
+            parts.append(f'<circle class="mark{" highlight" if chosen else ""}" cx="{px(x):.1f}" cy="{py(y):.1f}" '
+                         f'r="{5 if chosen else 3.5}" fill="{"#1a7f37" if chosen else color}" '
                          f'data-label="{escape(label)}" data-x="{x:.6g}" data-y="{y:.6g}">'
                          f"<title>{escape(label)}: {escape(x_label)} {x:.4g}, {escape(y_label)} {y:.4g}</title>"
                          "</circle>")
             if not lines:
-                parts.append(f'<text x="{px(x) + 6:.1f}" y="{py(y) - 6:.1f}">{escape(label)}</text>')
+                text = f"{label} (recommended)" if chosen else label
+                spot = _place_label(px(x), py(y), text, taken, area)
+                if spot is not None:
+                    weight = ' font-weight="bold"' if chosen else ""
+                    parts.append(f'<text class="label" x="{spot[0]:.1f}" y="{spot[1]:.1f}" text-anchor="{spot[2]}"'
+                                 f"{weight}>{escape(text)}</text>")
         parts.append("</g>")
         if len(series) > 1:
             ly = TOP + 14 + 16 * k
@@ -210,11 +274,14 @@ def compare_html(r: CompareReport) -> str:
                    numeric=(2, 3, 6, 7, 8, 9))]
     if marks:
         original = next((row.original_latency_ms for row in r.rows if row.original_latency_ms is not None), None)
-        caption = ("Top-1 agreement with the original (cosine where there is no class output) against latency per "
-                   "batch; one mark per target" + (f"; the original takes {original:.3g} ms." if original else "."))
+        measure = next((row.agreement_measure for row in r.rows if row.agreement_measure), None)
+        caption = (f"Agreement with the original ({measure or 'cosine: no output has an agreement measure'}) "
+                   "against latency per batch; one mark per target, the recommended one ringed"
+                   + (f"; the dashed line is the original ({original:.3g} ms)." if original else "."))
         body.append("<h2>Agreement against latency</h2>" + _figure(
             svg_plot([("targets", marks)], x_label="latency per batch (ms)", y_label="agreement with the original",
-                     title="agreement against latency per target", lines=False, plot_id="tradeoff"), caption))
+                     title="agreement against latency per target", lines=False, plot_id="tradeoff",
+                     highlight=r.recommended, reference_x=(original, "original") if original else None), caption))
     body.append(_notes(r.notes))
     return _page(f"normswap compare: {r.source}", body)
 

@@ -13,36 +13,20 @@ from pathlib import Path
 
 from .errors import OutputError, UsageError
 
-SMALL_MODEL_BYTES = 64 << 20
-"""Model files up to this size are parsed (without weights) to find the external data files they read; a
-larger file holds its weights itself (``ConversionResult.save`` checks the rest when it writes)."""
-
-
 def _identity(path: Path) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):  # missing, unreadable, or a name no file can have (a NUL byte)
         return None
     return st.st_dev, st.st_ino
 
 
 def external_files(model: Path) -> list[Path]:
-    """The external data files a model file names (resolved beside it); none when it cannot tell cheaply."""
-    try:
-        if model.stat().st_size > SMALL_MODEL_BYTES:
-            return []
-        import onnx
-        proto = onnx.load_model(str(model), load_external_data=False)
-    except Exception:  # unreadable or not a model: the loader reports that, with its own exit code
-        return []
-    from .onnx.walk import iter_all_tensors
-    files = set()
-    for tensor in [*proto.graph.initializer, *iter_all_tensors(proto)]:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
-            if location:
-                files.add(model.parent / location)
-    return sorted(files)
+    """The external data files a model file names (resolved beside it), at any model size and without loading
+    its weights (``onnx.scan``); none when the file cannot be read as a model (the loader says why)."""
+    from .onnx.scan import external_locations
+    locations = external_locations(Path(model)) if Path(model).is_file() else None
+    return sorted({Path(model).parent / loc for loc in locations or () if loc and "\0" not in loc})
 
 
 class WritePlan:
@@ -75,3 +59,9 @@ class WritePlan:
             raise OutputError(f"{what} '{path}': folder '{folder}' is not writable")
         self.writes[str(target)] = what
         return target if Path(path).is_symlink() else Path(path)
+
+    def reserve(self, path: str | os.PathLike, what: str) -> None:
+        """Claim a name the command may create later (an output's external data file, ``<output>.data``), so that
+        no other output is given it; it may exist and be read now (a model rewritten in place writes its new data
+        under a fresh name and removes the old file only once nothing reads it)."""
+        self.writes.setdefault(os.path.realpath(path), what)

@@ -6,12 +6,28 @@ shortened, so logs keep every name and reason whole.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 
 MIN_WIDTH = 80
 ELLIPSIS = "…"
 GAP = "  "
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: object, keep: str = "") -> str:
+    """``text`` with every control character (C0, DEL, C1: terminal escapes, BEL, CR, LF, NUL) and bidirectional
+    override escaped as ``\\xNN`` / ``\\uNNNN``, except those in ``keep``: a model's names cannot move the cursor,
+    retitle the terminal or forge output lines. The JSON report keeps the strings exactly."""
+    def escape(m: re.Match) -> str:
+        c = m.group(0)
+        if c in keep:
+            return c
+        return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+    return _CONTROL.sub(escape, str(text))
 
 
 def terminal_width(stream=None) -> int | None:

@@ -34,7 +34,7 @@ def parse(text: str) -> ET.Element:
 
 def marks(root: ET.Element, plot_id: str) -> list[ET.Element]:
     (svg,) = [s for s in root.iter(f"{SVG}svg") if s.get("id") == plot_id]
-    return [c for c in svg.iter(f"{SVG}circle") if c.get("class") == "mark"]
+    return [c for c in svg.iter(f"{SVG}circle") if "mark" in (c.get("class") or "").split()]
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,23 @@ def test_compare_page_plots_one_mark_per_target(npz, tmp_path):
     assert sorted(m.get("data-label") for m in marks(root, "tradeoff")) == ["fold", "group", "layer"]
     recommended = [tr for tr in root.iter(f"{XHTML}tr") if tr.get("class") == "recommended"]
     assert len(recommended) == 1
+    ringed = [m.get("data-label") for m in marks(root, "tradeoff") if "highlight" in m.get("class")]
+    assert len(ringed) == 1 and ringed[0] in r.stdout.split("recommended for finetune:")[1]
+    (svg,) = [s for s in root.iter(f"{SVG}svg") if s.get("id") == "tradeoff"]
+    assert [line for line in svg.iter(f"{SVG}line") if line.get("class") == "reference"]  # the original's latency
+
+
+def test_plot_labels_and_ticks_never_overlap():
+    from normswap.html_report import _box, _overlaps, svg_plot
+    root = ET.fromstring(svg_plot([("t", [(82.75, 0.99, "fold"), (87.56, 0.99, "affine"), (84.0, 0.991, "group"),
+                                          (85.1, 0.9905, "layer"), (83.3, 0.9902, "instance")])],
+                                  x_label="ms", y_label="agreement", title="t", lines=False, highlight="group",
+                                  reference_x=(80.0, "original")))
+    texts = [t for t in root.iter(f"{SVG}text") if t.get("class") in ("label", "tick")]
+    boxes = [_box(float(t.get("x")), float(t.get("y")), t.text, t.get("text-anchor") or "start") for t in texts]
+    assert len([t for t in texts if t.get("class") == "tick"]) >= 2
+    assert not any(_overlaps(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert any(t.text == "group (recommended)" for t in texts)
 
 
 def test_inspect_page_plots_one_mark_per_layer_and_batch_size(npz, tmp_path):

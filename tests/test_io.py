@@ -264,15 +264,32 @@ def test_stale_temporary_files_of_killed_runs_are_removed_on_the_next_write(tmp_
     from normswap.onnx.io import TEMP_TAG
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a process id that no longer runs
-    stale = tmp_path / f".old.onnx.{TEMP_TAG}{gone.pid}-abc.tmp"
-    live = tmp_path / f".old.onnx.{TEMP_TAG}{os.getpid()}-def.tmp"  # a run still writing
+    stale = tmp_path / f".old.onnx.{TEMP_TAG}{gone.pid}-abc_1234.tmp"
+    live = tmp_path / f".old.onnx.{TEMP_TAG}{os.getpid()}-def_5678.tmp"  # a run still writing
     foreign = tmp_path / ".notes.tmp"  # not normswap's
-    for p in (stale, live, foreign):
+    lookalike = tmp_path / f".old.onnx.{TEMP_TAG}{gone.pid}-keep.tmp"  # not mkstemp's 8 characters
+    for p in (stale, live, foreign, lookalike):
         p.write_bytes(b"partial")
     m = tmp_path / "m.onnx"
     onnx.save_model(conv_bn(np.random.default_rng(0)), str(m))
     normswap.convert(m, to="fold", validate=False, progress=False).save(tmp_path / "out.onnx")
-    assert not stale.exists() and live.exists() and foreign.exists()
+    assert not stale.exists() and live.exists() and foreign.exists() and lookalike.exists()
+
+
+def test_a_file_named_like_a_stale_temporary_is_never_removed_while_the_command_reads_it(tmp_path):
+    """Issue 19 #5: an input (model, --inputs) whose name has the exact form of a dead run's temporary."""
+    from normswap.onnx.io import TEMP_TAG
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    model = tmp_path / f".m.onnx.{TEMP_TAG}{gone.pid}-abcd_123.tmp"
+    onnx.save_model(conv_bn(np.random.default_rng(0)), str(model))
+    data = tmp_path / f".data.{TEMP_TAG}{gone.pid}-a.tmp.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((2, 4, 5, 5)).astype(np.float32))
+    r = subprocess.run([sys.executable, "-m", "normswap.cli", "convert", str(model), "--to", "fold", "--inputs",
+                        str(data), "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert model.exists() and data.exists() and (tmp_path / "out.onnx").exists()
 
 
 def _external(tensor: onnx.TensorProto, location: str) -> None:
@@ -342,10 +359,10 @@ def test_a_failed_model_write_leaves_no_orphan_data_file(tmp_path, monkeypatch):
     before = sorted(p.name for p in tmp_path.iterdir())
     real = io.write_atomically
 
-    def full_disk(dest, write):
+    def full_disk(dest, write, protected=()):
         if dest.suffix == ".onnx":
             raise normswap_errors().OutputError(f"cannot write '{dest}': No space left on device")
-        return real(dest, write)
+        return real(dest, write, protected)
     monkeypatch.setattr(io, "write_atomically", full_disk)
     with pytest.raises(normswap_errors().OutputError):
         io.save_model(m, out, external_data=True)

@@ -52,6 +52,12 @@ def _no_links(base: Path, relative: Path, name: str) -> Path:
     except FileNotFoundError:
         raise InvalidModelError(f"external data file '{relative}' of tensor '{name}' is missing; "
                                 "keep the data file next to the model") from None
+    except NotADirectoryError:
+        raise InvalidModelError(f"external data '{relative}' of tensor '{name}' goes through a file that is not a "
+                                "folder; the model is corrupt") from None
+    except OSError as e:
+        raise InvalidModelError(f"external data '{relative}' of tensor '{name}' cannot be read "
+                                f"({e.strerror or type(e).__name__})") from None
     if not stat.S_ISREG(st.st_mode):
         raise InvalidModelError(f"external data '{relative}' of tensor '{name}' is not a regular file")
     if st.st_nlink > 1:
@@ -70,6 +76,9 @@ def resolve(tensor: onnx.TensorProto, base: Path) -> tuple[Path, int, int]:
     if "\0" in location or len(location.encode()) > 4096 or any(len(p.encode()) > 255 for p in Path(location).parts):
         raise InvalidModelError(f"external data of tensor '{name}' has a location no file can have (a NUL byte, "
                                 "or longer than the file system allows); the model is corrupt")
+    if location.endswith(("/", "\\")):
+        raise InvalidModelError(f"external data of tensor '{name}' has the location '{location}', which ends in a "
+                                "separator (a folder, not a file); the model is corrupt")
     rel = Path(location)
     if rel.is_absolute() or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
         raise InvalidModelError(f"external data of tensor '{name}' has the absolute location '{location}'; "

@@ -8,9 +8,13 @@ data.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import re
 import stat
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,16 +245,22 @@ def temp_prefix(dest: Path) -> str:
     return f".{dest.name}.{TEMP_TAG}{os.getpid()}-"
 
 
-def remove_stale_temps(folder: Path) -> list[Path]:
-    """Remove normswap's temporary files in ``folder`` whose writing process is gone; returns them."""
+_TEMP_NAME = re.compile(rf"^\..+\.{TEMP_TAG}(\d+)-[a-z0-9_]{{8}}\.tmp$")  # mkstemp's 8 random characters
+
+
+def remove_stale_temps(folder: Path, protected: Iterable[Path] = ()) -> list[Path]:
+    """Remove normswap's temporary files in ``folder`` whose writing process is gone; returns them. Only names
+    exactly of the form ``temp_prefix`` + mkstemp's 8 characters + ``.tmp`` count, and never a file in
+    ``protected`` (what the running command reads), whatever its name."""
     removed = []
+    keep = {os.path.realpath(p) for p in protected}
     try:
-        candidates = list(folder.glob(f".*.{TEMP_TAG}*-*.tmp"))
+        candidates = [p for p in folder.glob(f".*.{TEMP_TAG}*-*.tmp") if _TEMP_NAME.match(p.name)]
     except OSError:
         return removed
     for path in candidates:
-        pid_text = path.name.rsplit(TEMP_TAG, 1)[1].split("-", 1)[0]
-        if not pid_text.isdigit() or _alive(int(pid_text)):
+        pid = int(_TEMP_NAME.match(path.name).group(1))
+        if _alive(pid) or os.path.realpath(path) in keep:
             continue
         try:
             path.unlink()
@@ -270,12 +280,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_atomically(dest: Path, write) -> None:
+def write_atomically(dest: Path, write, protected: Iterable[Path] = ()) -> None:
     """Call ``write(fileobj)`` on a temp file beside ``dest``, fsync, then rename over ``dest`` (with the mode a
     plain write would give it: mkstemp's 0600 would hide the model from other users). Stale temporary files of
-    earlier, killed runs in that folder are removed first."""
+    earlier, killed runs in that folder are removed first (never one of ``protected``)."""
     folder = dest.parent
-    remove_stale_temps(folder)
+    remove_stale_temps(folder, protected)
     try:
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(dest), suffix=".tmp", dir=folder)
     except OSError as e:
@@ -308,11 +318,31 @@ def _external_name(dest: Path) -> str:
     return f"{dest.name}.{os.urandom(4).hex()}.data"
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """An exclusive advisory lock on ``folder`` (``flock`` on its descriptor) while a model and its data file are
+    written: two runs saving to the same place never interleave, so a model and its data always come from one run
+    (no lock file is left behind; where the folder cannot be opened or locked, no lock)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
 def save_model(model: onnx.ModelProto, dest: str | os.PathLike, external_data: bool = False,
-               progress=None) -> list[Path]:
+               progress=None, protected: Iterable[Path] = ()) -> list[Path]:
     """Write ``model`` to ``dest`` atomically, streaming the weights; with ``external_data`` (forced above 2 GB)
     main-graph initializers of at least 1 KiB go to a data file beside it. Returns the files written. ``model``
-    is never modified."""
+    is never modified; no file in ``protected`` (what the command reads) is ever removed."""
     dest = Path(dest)
     if dest.is_dir():
         raise OutputError(f"output '{dest}' is a folder; pass a file path ending in .onnx")
@@ -321,8 +351,13 @@ def save_model(model: onnx.ModelProto, dest: str | os.PathLike, external_data: b
     plan = _Plan(model, progress)
     large = any((tensor_nbytes(t) or 0) >= EXTERNAL_TENSOR_MIN_BYTES for t in model.graph.initializer)
     if (not external_data and plan.size <= EXTERNAL_DATA_THRESHOLD) or not large:  # no tensor to put aside
-        write_atomically(dest, plan.write)
+        write_atomically(dest, plan.write, protected)
         return [dest]
+    with folder_lock(dest.parent):
+        return _save_with_data(model, dest, progress, list(protected))
+
+
+def _save_with_data(model: onnx.ModelProto, dest: Path, progress, protected: list[Path]) -> list[Path]:
     data_name = _external_name(dest)
     headers: list[onnx.TensorProto] = []
 
@@ -357,25 +392,28 @@ def save_model(model: onnx.ModelProto, dest: str | os.PathLike, external_data: b
     from ..paths import external_files
     replaced = external_files(dest) if dest.is_file() else []  # what the model being replaced reads
     data_path = dest.parent / data_name
-    write_atomically(data_path, write_data)
+    write_atomically(data_path, write_data, protected)
     skeleton = without_field(model, "graph")
     skeleton.graph.CopyFrom(without_field(model.graph, "initializer"))
     skeleton.graph.initializer.extend(headers)  # small tensors are copied, large ones are headers only
     try:
-        write_atomically(dest, lambda f: f.write(skeleton.SerializeToString()))
+        write_atomically(dest, lambda f: f.write(skeleton.SerializeToString()), protected)
     except BaseException:  # the model was not replaced: its new data file is an orphan
         data_path.unlink(missing_ok=True)
         raise
-    _remove_replaced_data(dest, replaced, data_path, model)
+    _remove_replaced_data(dest, replaced, data_path, model, protected)
     return [dest, data_path]
 
 
-def _remove_replaced_data(dest: Path, replaced: list[Path], written: Path, model: onnx.ModelProto) -> None:
+def _remove_replaced_data(dest: Path, replaced: list[Path], written: Path, model: onnx.ModelProto,
+                          protected: list[Path]) -> None:
     """Once ``dest`` is in place, remove the data files the model it replaced used -- those of normswap's naming
-    for ``dest`` (``<name>.data``, ``<name>.<hex>.data``) that the saved model itself no longer reads -- so a
-    model written again and again keeps one data file beside it."""
+    for ``dest`` (``<name>.data``, ``<name>.<hex>.data``) that neither the saved model nor any file the command
+    reads (``protected``: the source model and its data, e.g. a copy of ``dest`` that shares its data file)
+    still reads -- so a model written again and again keeps one data file beside it."""
     still_read = {os.path.realpath(external.bound_ref(t)[0]) for t in model.graph.initializer
                   if external.is_external(t)}
+    still_read |= {os.path.realpath(p) for p in protected}
     for old in replaced:
         name = old.name
         ours = name == f"{dest.name}.data" or (name.startswith(f"{dest.name}.") and name.endswith(".data")

@@ -92,7 +92,8 @@ def _check_arity(node: onnx.NodeProto, opset: int, label: str) -> None:
 
 
 def _check_graph(graph: onnx.GraphProto, outer: set[str], path: str, opset: int) -> None:
-    defined = set(outer) | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined = (set(outer) | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+               | {t.values.name for t in graph.sparse_initializer})  # a sparse initializer defines its name too
     for t in graph.initializer:
         check_tensor(t, f"initializer of {path}")
     for t in graph.sparse_initializer:
@@ -124,7 +125,34 @@ def _check_graph(graph: onnx.GraphProto, outer: set[str], path: str, opset: int)
             raise InvalidModelError(f"output '{out.name}' of {path} is computed by no node")
 
 
+def _text_fields(message, where: str):
+    """(where, value) of every string field of ``message`` and the messages inside it, except tensor payloads
+    (``raw_data`` and typed data are never touched: reading them would copy the weights)."""
+    for field, value in message.ListFields() if not isinstance(message, onnx.TensorProto) else (
+            (message.DESCRIPTOR.fields_by_name[n], getattr(message, n)) for n in ("name", "doc_string")):
+        if field.type == field.TYPE_STRING:
+            for v in (value if field.is_repeated else [value]):
+                yield f"{where}.{field.name}", v
+        elif field.type == field.TYPE_MESSAGE:
+            for k, sub in enumerate(value if field.is_repeated else [value]):
+                yield from _text_fields(sub, f"{where}.{field.name}[{k}]" if field.is_repeated else
+                                        f"{where}.{field.name}")
+    if isinstance(message, onnx.TensorProto):
+        for k, entry in enumerate(message.external_data):
+            yield f"{where}.external_data[{k}]", entry.value
+
+
+def check_text(model: onnx.ModelProto) -> None:
+    """Every name and text of the model is valid UTF-8: protobuf hands invalid strings back as bytes, which no
+    name comparison, message or report can use (onnxruntime itself fails on them and retries)."""
+    for where, value in _text_fields(model, ""):
+        if isinstance(value, bytes):
+            raise InvalidModelError(f"the model's {where.lstrip('.')} is not valid UTF-8 ({value[:40]!r}); the model is corrupt "
+                                    "(names must be text)")
+
+
 def check_structure(model: onnx.ModelProto) -> None:
     """Raise ``InvalidModelError`` (exit 3) naming the tensor or node when the model is structurally broken."""
     from .io import opset_of
+    check_text(model)
     _check_graph(model.graph, set(), "the main graph", opset_of(model))

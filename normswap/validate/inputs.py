@@ -10,6 +10,7 @@ import onnx
 
 from ..errors import SPEAKING_CLI, option
 from ..errors import InvalidModelError, UsageError
+from ..memory import check_allocation
 
 DEFAULT_BATCH = 2  # a symbolic first dimension becomes 2, so batch-mixing bugs show
 DEFAULT_SEED = 0
@@ -84,22 +85,30 @@ def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] 
     if unknown:
         raise UsageError(f"{option('input_shapes')} names unknown input(s) {sorted(unknown)}; the model's inputs are "
                          f"{[i.name for i in inputs]}")
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
+    planned = []
     for vi in inputs:
         if not vi.type.HasField("tensor_type"):
             raise UsageError(f"input '{vi.name}' is not a tensor; pass {option('inputs')} data")
-        elem = vi.type.tensor_type.elem_type
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
-        shape = _shape_for(vi, given)
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+        planned.append((vi.name, _shape_for(vi, given), dtype))
+    # floats are drawn in float64 and then cast: both arrays exist for a moment
+    total = sum(int(np.prod(shape, dtype=object)) * (dtype.itemsize + (8 if dtype.kind == "f" else 0))
+                for _, shape, dtype in planned)
+    if planned:
+        check_allocation(total, "random validation inputs of shape(s) " +
+                         ", ".join(f"{n}{list(shape)}" for n, shape, _ in planned),
+                         f"pass {option('inputs')} data or smaller shapes ({_shape_hint(planned[0][0])})")
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for name, shape, dtype in planned:
         if dtype.kind == "f" or dtype.name == "bfloat16":  # np.asarray: a 0-d input gets a 0-d array, not a scalar
-            feeds[vi.name] = np.asarray(rng.standard_normal(shape), dtype=dtype)
+            feeds[name] = np.asarray(rng.standard_normal(shape), dtype=dtype)
         elif dtype.kind in "iu":
-            feeds[vi.name] = np.asarray(rng.integers(0, 8, size=shape), dtype=dtype)
+            feeds[name] = np.asarray(rng.integers(0, 8, size=shape), dtype=dtype)
         elif dtype.kind == "b":
-            feeds[vi.name] = np.asarray(rng.random(shape) < 0.5)
+            feeds[name] = np.asarray(rng.random(shape) < 0.5)
         else:
-            raise UsageError(f"cannot generate data for input '{vi.name}' of type {dtype}; pass {option('inputs')} "
+            raise UsageError(f"cannot generate data for input '{name}' of type {dtype}; pass {option('inputs')} "
                              "data")
     return feeds
 
@@ -134,14 +143,68 @@ def check_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, .
         _shape_for(inputs[name], given)
 
 
-def load_npz_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every array of an .npz file, read without unpickling anything."""
+def _not_npz(head: bytes) -> str | None:
+    """What a data file is when it is clearly not an .npz (a zip archive)."""
+    if head.startswith(b"PK"):
+        return None
+    if head.startswith(b"\x93NUMPY"):
+        return "a single .npy array, not an .npz; save it with numpy.savez(FILE, NAME=array), one array per input"
+    if head[:1] == b"\x80":
+        return "a Python pickle, not an .npz (normswap never unpickles files)"
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not an .npz (no zip archive); save the arrays with numpy.savez"
+    if text and all(c.isprintable() or c in "\r\n\t" for c in text):
+        return "a text file, not an .npz; save the arrays with numpy.savez"
+    return "not an .npz (no zip archive); save the arrays with numpy.savez"
+
+
+def _declared_bytes(archive: zipfile.ZipFile, path) -> int:
+    """The bytes the arrays of an .npz declare in their .npy headers, read before any array is: each header must
+    fit the member's stored size, hold no Python objects, and the total fit in memory."""
+    total = 0
+    for info in archive.infolist():
+        if not info.filename.endswith(".npy"):
+            continue
+        name = info.filename[:-4]
+        with archive.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+        if dtype.hasobject:
+            raise InvalidModelError(f"array '{name}' in data file '{path}' holds Python objects (pickled data), "
+                                    "which normswap never loads; save numeric arrays")
+        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if nbytes > info.file_size:
+            raise InvalidModelError(f"array '{name}' in data file '{path}' declares {nbytes} bytes of shape "
+                                    f"{list(shape)} but holds {info.file_size}; the file is truncated or corrupt")
+        total += nbytes
+    return total
+
+
+def load_npz_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of an .npz file, read without unpickling anything; what it is when it is not an .npz, and
+    what its headers declare, are checked before a byte of an array is read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
     except FileNotFoundError:
         raise UsageError(f"data file '{path}' does not exist") from None
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
+    except (IsADirectoryError, NotADirectoryError):
+        raise UsageError(f"data file '{path}' is not a file; pass an .npz") from None
+    except OSError as e:
+        raise InvalidModelError(f"data file '{path}' cannot be read ({e.strerror})") from None
+    problem = _not_npz(head)
+    if problem:
+        raise InvalidModelError(f"data file '{path}' is {problem}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            check_allocation(_declared_bytes(archive, path), f"data file '{path}'",
+                             "pass fewer samples, or split the file")
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile) as e:
         raise InvalidModelError(f"data file '{path}' is not a plain .npz of numeric arrays ({e}); "
                                 "save it with numpy.savez") from None
 
