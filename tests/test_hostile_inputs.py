@@ -38,16 +38,19 @@ def test_a_huge_declared_input_is_refused_before_allocating(tmp_path):
         normswap.validate(small, small, input_shapes={"x": (10**12, 4, 5, 5)})
 
 
-def test_running_out_of_memory_anyway_is_one_line_with_exit_4(tmp_path):
+def _cli_patched(tmp_path, patch: str, *args) -> subprocess.CompletedProcess:
+    """The CLI run in a fresh interpreter after ``patch`` (Python source) on a small model (``{model}`` in args)."""
     path = tmp_path / "m.onnx"
     onnx.save_model(conv_bn(np.random.default_rng(0)), str(path))
-    code = ("import sys, numpy\n"
-            "import importlib; r = importlib.import_module('normswap.validate.runner')\n"
-            "def boom(*a, **k): raise MemoryError()\n"
-            "r.validate_many = boom\n"
-            "from normswap.cli import main\n"
-            f"main(['convert', {str(path)!r}, '--to', 'fold', '-o', {str(tmp_path / 'o.onnx')!r}])\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    argv = [str(path) if a == "{model}" else str(a) for a in args]
+    code = f"{patch}\nfrom normswap.cli import main\nmain({argv!r})\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+def test_running_out_of_memory_anyway_is_one_line_with_exit_4(tmp_path):
+    p = _cli_patched(tmp_path, "import importlib; r = importlib.import_module('normswap.validate.runner')\n"
+                     "def boom(*a, **k): raise MemoryError()\nr.validate_many = boom",
+                     "convert", "{model}", "--to", "fold", "-o", tmp_path / "o.onnx")
     assert p.returncode == 4 and "ran out of memory" in p.stderr and _one_line(p)
 
 
@@ -168,12 +171,6 @@ def test_python_dash_m_normswap_runs_the_cli():
 
 def test_ctrl_c_landing_as_a_run_finishes_still_exits_130(tmp_path):
     """#14: a SIGINT after the command's work, while click closes the context (outside invoke)."""
-    path = tmp_path / "m.onnx"
-    onnx.save_model(conv_bn(np.random.default_rng(0)), str(path))
-    code = ("import click\n"
-            "def late(self, *a, **k): raise KeyboardInterrupt()\n"
-            "click.Context.__exit__ = late\n"
-            "from normswap.cli import main\n"
-            f"main(['inspect', {str(path)!r}])\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    p = _cli_patched(tmp_path, "import click\ndef late(self, *a, **k): raise KeyboardInterrupt()\n"
+                     "click.Context.__exit__ = late", "inspect", "{model}")
     assert p.returncode == 130 and "interrupted" in p.stderr and "Traceback" not in p.stderr

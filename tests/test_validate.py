@@ -320,3 +320,16 @@ def test_a_probability_map_whose_outputs_vary_carries_no_caution_and_a_constant_
     assert varied.rule == "noise floor" and not varied.cautions
     same = normswap.convert(m, to="fold", inputs={"x": np.repeat(x[:1], 6, axis=0)}).report.validation
     assert same.cautions and "same for all 6 samples" in same.cautions[0]
+
+
+def test_with_calibration_data_and_no_inputs_validation_runs_on_a_held_aside_slice():
+    x = np.load(Path(__file__).parent.parent / "fixtures" / "digits_heldout.npz")["x"][:40]
+    model = str(Path(__file__).parent.parent / "fixtures" / "digits_resnet.onnx")
+    group = normswap.convert(model, to="layer", calibration={"x": x}, progress=False).report
+    assert group.calibration.samples == 34 and group.validation.outputs[0].shape[0] == 6
+    assert group.validation.inputs.startswith("6 sample(s) held aside from the calibration= data")
+    fold = normswap.convert(model, to="fold", calibration={"x": x}, progress=False).report
+    assert fold.validation.outputs[0].shape[0] == 40 and "nothing is fitted" in fold.validation.inputs
+    assert any("served as the validation inputs" in n for n in fold.notes)
+    with_inputs = normswap.convert(model, to="layer", calibration={"x": x}, inputs={"x": x[:8]}, progress=False)
+    assert with_inputs.report.calibration.samples == 40 and with_inputs.report.validation.inputs == "given arrays"

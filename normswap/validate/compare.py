@@ -107,7 +107,8 @@ class OutputStats:
         a, rt = effective_tolerance(ref_a.dtype, self.atol, self.rtol)
         self.applied_atol = a
         self.within &= bool(np.all(diff <= a + rt * np.abs(rf)))
-        self.agreement.add(r, c)
+        if self.track_spread:  # model outputs: the task's decision (layer outputs only need their cosine)
+            self.agreement.add(r, c)
 
     def add_float64(self, ref: np.ndarray, cand: np.ndarray, ref64: np.ndarray) -> None:
         """The same samples' float64 evaluation of the original: how far the original's float32 run (``ref``)

@@ -187,7 +187,7 @@ def validate_many(reference: onnx.ModelProto | str | os.PathLike, candidates: li
     for j, (c, st) in enumerate(zip(candidates, stats)):
         per_output_gate = c.min_agreement if task.metric is None else None  # the metric decides instead
         comparisons = [st[n].result(c.check, c.min_cosine, per_output_gate) for n in out_names]
-        if per_output_gate is not None and all(o.agreement is None for o in comparisons):
+        if c.check == "fidelity" and per_output_gate is not None and all(o.agreement is None for o in comparisons):
             for o in comparisons:
                 o.passed, o.problem = False, o.problem or (
                     f"{option('min_agreement')} was given but no agreement measure applies to this output "
