@@ -4,6 +4,7 @@ Inputs are never mutated: a path is loaded fresh, a ``ModelProto`` is copied bef
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import tempfile
@@ -222,7 +223,8 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
     thresholded at ``map_threshold``), or by ``task_metric(reference_outputs, candidate_outputs) -> 0..1``.
     ``calibration`` (unlabeled samples; ONNX: an .npz path or a mapping of input name to array; torch: a tensor,
     a tuple of tensors or an iterable of batches) refits the new layers so the network keeps its function;
-    ``distill_steps`` (torch) then trains the converted network towards the original's outputs:
+    ``distill_steps`` then trains the converted network towards the original's outputs (ONNX models run in torch
+    for it, their trained values written back into the initializers they came from):
     ``distill_scope="all"`` every parameter, ``"norms"`` the new layers' scale and shift; ``distill_holdout`` of
     the calibration data is held aside to keep the best state (or the calibrated one when no step beats it). ``to="group"``:
     ``groups=G`` (default 32) is honoured in every layer whose C allows it (the largest divisor of C not above G;
@@ -260,9 +262,14 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
                              keep_unfoldable=keep_unfoldable, validate=validate, provider=provider, inputs=inputs,
                              atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement,
                              task=task, progress=progress)
-    if distill_steps or example_inputs is not None:
-        raise UsageError("distill_steps and example_inputs apply to torch modules; ONNX models take calibration "
-                         "data and input_shapes")
+    if example_inputs is not None:
+        raise UsageError("example_inputs apply to torch modules; ONNX models take calibration data and input_shapes")
+    if distill_steps and (to not in REPLACEMENT_TARGETS or calibration is None):
+        raise UsageError(f"{option('distill_steps')} needs a replacement target (group / layer / instance) and "
+                         f"{option('calibration')} data")
+    if distill_steps and importlib.util.find_spec("torch") is None:
+        raise UsageError(f"{option('distill_steps')} on ONNX models runs them in torch, which is not installed "
+                         "(pip install normswap[torch]); calibration alone needs no torch")
     from .onnx.convert import convert_in_place
     from .onnx.io import graph_count
     target = get_target(to)
@@ -315,6 +322,9 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
                                            refit_output_layer=refit_output_layer, choose_groups=choose_groups,
                                            memory_budget=calibration_memory, progress=progress)
             notes.extend(report.calibration.notes)
+            if distill_steps:
+                _refine(reference, converted, conversion.new_norms, calib, report, distill_steps, distill_scope,
+                        distill_holdout, calibration_batch_size, progress)
         else:
             report.function_preserved = False
             notes.append("function NOT preserved: without calibration data the new layers use the BN's gamma and "
@@ -339,6 +349,26 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
     if _graphsurgeon_graph(model):
         result.graph = sys.modules["onnx_graphsurgeon"].import_onnx(converted)
     return result
+
+
+def _refine(reference, converted: onnx.ModelProto, new_norms, calib, report: ConversionReport, steps: int,
+            scope: str, holdout: float, batch_size: int, progress) -> None:
+    """Distillation of a calibrated ONNX conversion (``onnx.refine``); a graph the torch executor cannot run keeps
+    the calibrated model, with a note saying why."""
+    from .onnx.refine import refine_onnx
+    norms = [t for n in new_norms for t in (n.scale, n.shift)]
+    try:
+        result = refine_onnx(reference, converted, norms, calib, steps, scope, holdout, batch_size, progress)
+    except UnsupportedError as e:
+        report.notes.append(f"distillation skipped, the calibrated model kept: {e}")
+        return
+    report.calibration.distillation = result
+    report.notes.append(result.summary())
+    if result.kept:
+        from .onnx.refine import trainable_initializers
+        changed = set(trainable_initializers(converted, scope, norms))
+        owners = {n.name for n in converted.graph.node if changed & set(n.input)}
+        report.calibration.layers_changed = sorted(set(report.calibration.layers_changed) | owners)
 
 
 def _calibration_data(calibration: Inputs, model: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -611,8 +611,8 @@ Examples:
 @click.option("--export-onnx", type=click.Path(dir_okay=False), default=None,
               help="With --torch-model: also export the converted module to this ONNX file.")
 @click.option("--distill-steps", type=int, default=0, show_default=True,
-              help="With --torch-model and --calibrate: after calibration, train towards the original's outputs "
-                   "this many steps (the best state on held-out data is kept).")
+              help="With --calibrate: after calibration, train towards the original's outputs this many steps "
+                   "(the best state on held-out data is kept; ONNX models run in torch for it).")
 @click.option("--distill-scope", type=click.Choice(["all", "norms"]), default="all", show_default=True,
               help="Distillation trains every parameter (all) or the new layers' scale and shift (norms).")
 @click.option("--distill-holdout", type=float, default=0.15, show_default=True,
@@ -677,8 +677,8 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
                               calibration_batch_size, memory, min_cosine, min_agreement, quiet, validate,
                               keep_invalid, provider, inputs, input_shapes, atol, rtol, seed, map_threshold,
                               report_path)
-    if export_onnx or distill_steps or weights:
-        raise UsageError("--export-onnx, --distill-steps and --weights apply to --torch-model")
+    if export_onnx or weights:
+        raise UsageError("--export-onnx and --weights apply to --torch-model")
     source = Path(model)
     out = Path(output) if output is not None else (source if in_place else _default_output(source, target))
     if source.exists() and out.exists() and same_file(source, out) and not in_place:
@@ -698,7 +698,8 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
                                allow_nonfinite=allow_nonfinite, validate=validate,
                                provider=provider, inputs=inputs, input_shapes=shapes, atol=atol, rtol=rtol,
                                seed=seed, min_cosine=min_cosine, min_agreement=min_agreement, opset=opset,
-                               map_threshold=map_threshold, progress=progress)
+                               map_threshold=map_threshold, distill_steps=distill_steps, distill_scope=distill_scope,
+                               distill_holdout=distill_holdout, progress=progress)
     report = result.report
     quiet = report_path == "-"
     if not report.layers:  # nothing to do: no file is written, and that is a success

@@ -22,6 +22,8 @@ import time
 import numpy as np
 from onnx.reference.op_run import OpRun
 
+from ..onnx.conv_geometry import conv_pads, transpose_geometry
+
 
 class DeadlineExceeded(Exception):
     """The float64 evaluation ran past its time budget."""
@@ -39,24 +41,6 @@ class Deadline:
     def check(self) -> None:
         if self.at is not None and time.monotonic() > self.at:
             raise DeadlineExceeded()
-
-
-def _spatial_pads(auto_pad: str | None, pads, size: list[int], kernel: list[int], strides: list[int],
-                  dilations: list[int]) -> tuple[list[int], list[int]]:
-    """(begin, end) zero padding of a Conv's spatial axes."""
-    n = len(size)
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        begin, end = [], []
-        for i in range(n):
-            out = -(-size[i] // strides[i])
-            total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size[i])
-            small = total // 2
-            begin.append(small if auto_pad == "SAME_UPPER" else total - small)
-            end.append(total - begin[-1])
-        return begin, end
-    if auto_pad == "VALID" or pads is None:
-        return [0] * n, [0] * n
-    return list(pads[:n]), list(pads[n:])
 
 
 def _defaults(x: np.ndarray, w: np.ndarray, dilations, strides, group) -> tuple[list[int], list[int], list[int], int]:
@@ -148,7 +132,7 @@ def pool(x: np.ndarray, kind: str, auto_pad: str | None, kernel_shape, pads, str
     kernel = list(kernel_shape)
     st = list(strides) if strides is not None else [1] * len(kernel)
     size = list(x.shape[2:])
-    begin, end = _spatial_pads(auto_pad, pads, size, kernel, st, [1] * len(kernel))
+    begin, end = conv_pads(auto_pad, pads, size, kernel, st, [1] * len(kernel))
     fill = -np.inf if kind == "max" else 0.0
     xp = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, end)), constant_values=fill)
     inside = np.pad(np.ones(size), list(zip(begin, end))) if kind == "avg" and not count_include_pad else None
@@ -175,7 +159,7 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, auto_pad: st
     and one batched matmul per kernel offset ``k``."""
     kernel, dil, st, g = _defaults(x, w, dilations, strides, group)
     size = list(x.shape[2:])
-    begin, end = _spatial_pads(auto_pad, pads, size, kernel, st, dil)
+    begin, end = conv_pads(auto_pad, pads, size, kernel, st, dil)
     xp = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, end)))
     out = [(size[i] + begin[i] + end[i] - (kernel[i] - 1) * dil[i] - 1) // st[i] + 1 for i in range(len(size))]
     n, c = x.shape[:2]
@@ -200,24 +184,7 @@ def conv_transpose(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, au
     kernel, dil, st, g = _defaults(x, w, dilations, strides, group)
     size = list(x.shape[2:])
     nd = len(size)
-    extra = list(output_padding) if output_padding is not None else [0] * nd
-    full = [st[i] * (size[i] - 1) + extra[i] + (kernel[i] - 1) * dil[i] + 1 for i in range(nd)]
-    # The padding implied by an output shape or auto_pad is split as onnxruntime splits it (measured against its
-    # CPU kernel): SAME_UPPER puts the odd element at the end, SAME_LOWER and an explicit output_shape at the
-    # start; SAME padding is never negative.
-    implied = None
-    if output_shape is not None and len(output_shape):
-        target = list(output_shape)[-nd:]
-        implied = [full[i] - target[i] for i in range(nd)]
-    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        implied = [max(0, full[i] - size[i] * st[i]) for i in range(nd)]
-        target = [full[i] - implied[i] for i in range(nd)]
-    if implied is not None:
-        begin = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in implied]
-    else:
-        p = list(pads) if pads is not None and auto_pad != "VALID" else [0] * (2 * nd)
-        begin = p[:nd]
-        target = [full[i] - p[i] - p[i + nd] for i in range(nd)]
+    full, begin, target = transpose_geometry(size, kernel, st, dil, output_padding, output_shape, pads, auto_pad)
     n, c = x.shape[:2]
     cg, og = c // g, w.shape[1]
     xg = x.reshape(n, g, cg, -1)
