@@ -139,7 +139,7 @@ def validation_section() -> list[str]:
         label = f"{model.key} {side}x{side}" if side else model.key
         rows.append(f"| {label} | {n} | {v.rule} | {v.float64_reference or v.rule_note} | "
                     f"{_g(o.original_error)} | {v.passed} | {t_elementwise:.1f} | {t_default:.1f} | "
-                    f"{t_default / t_elementwise:.2f}x |")
+                    f"{t_default / t_elementwise:.2f}x | {'yes' if t_default <= 3 * t_elementwise + 3 else 'NO'} |")
         if side == 736:
             continue  # the broken folds are judged at 320x320 already
         original = onnx.load(str(path))
@@ -148,14 +148,17 @@ def validation_section() -> list[str]:
             for kind in ("negated", "scaled", "swapped"):
                 r = normswap.validate(original, broken_fold(default.model, conv, kind), inputs=feeds)
                 out = r.outputs[0]
-                verdicts.append(f"| {model.key} | {conv} | {kind.replace('scaled', 'scaled 1.01')} | {out.cosine:.5f} | {_g(out.max_rel)} | "
+                label = kind.replace("scaled", "scaled 1.01")
+                verdicts.append(f"| {model.key} | {conv} | {label} | {out.cosine:.5f} | {_g(out.max_rel)} | "
                                 f"{_g(out.error_ratio)} | {'FAIL (right)' if r.passed is False else 'pass (WRONG)'} |")
     return ["## Exact validation on real exports (issue 18)", "",
             "Default `convert --to fold` (noise-floor rule against the float64 original) and the same fold judged "
             "elementwise (`--atol 1e-4 --rtol 1e-3`), on rendered text inputs, seconds of the whole call (load, fold, "
             "validate) in one run:", "",
             "| model | samples | rule | float64 reference | original's float32 error | passed | elementwise s | "
-            "default s | ratio |", "|---|---|---|---|---|---|---|---|---|", *rows, "",
+            "default s | ratio | within 3x + 3 s |", "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
+            "The float64 evaluation's budget (1.5x the float32 validation runs + 3 s) bounds the default at 2.5x the "
+            "elementwise call + 3 s by construction, give or take one operator past the deadline.", "",
             "Deliberately broken folds of the first and last folded conv (one output channel negated, scaled by "
             "1.01, or two channels swapped), `normswap validate ORIGINAL BROKEN` with default settings:", "",
             "| model | conv | broken by | cosine | max_rel | error ratio | verdict |", "|---|---|---|---|---|---|---|",
@@ -176,7 +179,7 @@ def executor_section() -> list[str]:
     from normswap.onnx.torch_executor import OnnxModule, run_numpy
     from normswap.validate.float64 import onnx_reference
     from tests.builders import run
-    rows = []
+    rows, ratios = [], []
     for key, n, side in (("ppocr-cls", 4, 0), ("ppocrv4-rec", 2, 0), ("ppocrv4-det", 1, 736)):
         model_info = next(m for m in MODELS if m.key == key)
         model = onnx.load(str(fetch(model_info)))
@@ -184,6 +187,7 @@ def executor_section() -> list[str]:
         ort32 = run(model, feeds)[0]
         f32 = next(iter(run_numpy(OnnxModule(model), feeds).values()))
         module64 = OnnxModule(model, dtype=torch.float64)
+        run_numpy(module64, {k: v[:1] for k, v in feeds.items()})  # warm-up: the first float64 run sets up kernels
         start = time.perf_counter()
         t64 = next(iter(run_numpy(module64, feeds).values()))
         torch_s = (time.perf_counter() - start) / n
@@ -192,6 +196,7 @@ def executor_section() -> list[str]:
         np64 = next(iter(reference(feeds).values()))
         numpy_s = (time.perf_counter() - start) / n
         scale = float(np.abs(ort32).max())
+        ratios.append(torch_s / numpy_s)
         rows.append(f"| {key}{f' {side}x{side}' if side else ''} | {_g(float(np.abs(f32 - ort32).max()) / scale)} | "
                     f"{_g(float(np.abs(t64 - np64).max()) / scale)} | {torch_s:.2f} | {numpy_s:.2f} |")
     return ["## The torch executor on real exports (issue 20, item 2)", "",
@@ -200,9 +205,11 @@ def executor_section() -> list[str]:
             "float64 run against the numpy float64 yardstick of exact validation; seconds of one float64 sample:",
             "", "| model | float32 vs onnxruntime | float64 vs numpy yardstick | torch float64 s | numpy float64 s |",
             "|---|---|---|---|---|", *rows, "",
-            "The two float64 evaluations are independent implementations and agree to float64 rounding; the numpy "
-            "yardstick is the faster of the two on this CPU (torch's float64 convolutions take slow paths), so exact "
-            "validation keeps it.", ""]
+            "The two float64 evaluations are independent implementations and agree to float64 rounding. Per sample "
+            f"torch takes {min(ratios):.2f}-{max(ratios):.2f}x the numpy yardstick's time here, but importing torch "
+            "costs about 2 s, more than it saves on the few samples validation evaluates in float64; exact "
+            "validation keeps the numpy one, which needs no torch (the ONNX path never imports it), and the proof "
+            "against onnxruntime (docs/usage.md) guards either.", ""]
 
 
 def _g(x) -> str:

@@ -226,8 +226,8 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
     ``distill_steps`` then trains the converted network towards the original's outputs (ONNX models run in torch
     for it, their trained values written back into the initializers they came from):
     ``distill_scope="all"`` every parameter, ``"norms"`` the new layers' scale and shift; ``distill_holdout`` of
-    the calibration data is held aside to keep the best state (or the calibrated one when no step beats it). ``to="group"``:
-    ``groups=G`` (default 32) is honoured in every layer whose C allows it (the largest divisor of C not above G;
+    the calibration data is held aside to keep the best state (or the calibrated one when no step beats it).
+    ``to="group"``: ``groups=G`` (default 32) is honoured in every layer whose C allows it (the largest divisor of C not above G;
     the report gives each layer's count and why it differs), ``group_size=S`` asks for S channels per group, and
     ``groups="auto"`` lets calibration choose each layer's count by measured fit. Calibration runs
     each model once, segment by segment, keeping activations in memory up to ``calibration_memory`` bytes (a

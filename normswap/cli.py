@@ -80,7 +80,8 @@ class _Group(click.Group):
         except Exception as e:  # a bug: say so in one line
             if ctx.meta.get("normswap.debug"):
                 raise
-            click.echo(f"normswap: internal error: {type(e).__name__}: {printable(e)}; rerun with --debug and report it",
+            click.echo(f"normswap: internal error: {type(e).__name__}: {printable(e)}; rerun with --debug and "
+                       "report it",
                        err=True)
             ctx.exit(EXIT_INTERNAL)
         finally:

@@ -147,7 +147,8 @@ def check_text(model: onnx.ModelProto) -> None:
     name comparison, message or report can use (onnxruntime itself fails on them and retries)."""
     for where, value in _text_fields(model, ""):
         if isinstance(value, bytes):
-            raise InvalidModelError(f"the model's {where.lstrip('.')} is not valid UTF-8 ({value[:40]!r}); the model is corrupt "
+            raise InvalidModelError(f"the model's {where.lstrip('.')} is not valid UTF-8 ({value[:40]!r}); the model "
+                                    "is corrupt "
                                     "(names must be text)")
 
 

@@ -3,12 +3,13 @@
 Exact checks with a float64 evaluation of the original (``add_float64``) pass when the candidate's error against
 it is within ``NOISE_MULTIPLE`` x the original's own float32 error + ``NOISE_FLOOR`` on the samples evaluated in
 float64, and within the model's float32 level (``float32_level``, see ``float64.yardstick_limit``) of the
-original's float32 run on every sample (the noise-floor rule); otherwise when ``|cand - ref| <= atol + rtol * |ref|``
-everywhere (``numpy.allclose``). Both need NaNs and
-infinities in the same places. Half-precision outputs (float16 / bfloat16) are compared with at least
-``HALF_ATOL`` / ``HALF_RTOL``, since their last bit is ~1e-3 of the value. Fidelity checks (non-exact targets)
-pass when the cosine similarity is at least ``min_cosine`` and the task agreement (``agreement``: top-1, whole
-sequence, per-pixel argmax or map IoU, by the output's shape) at least ``min_agreement`` (each only when given); with neither gate, a fidelity check is *measured*, not passed (``passed`` is None).
+original's float32 run on every sample (the noise-floor rule); otherwise when
+``|cand - ref| <= atol + rtol * |ref|`` everywhere (``numpy.allclose``). Both need NaNs and infinities in the
+same places. Half-precision outputs (float16 / bfloat16) are compared with at least ``HALF_ATOL`` /
+``HALF_RTOL``, since their last bit is ~1e-3 of the value. Fidelity checks (non-exact targets) pass when the
+cosine similarity is at least ``min_cosine`` and the task agreement (``agreement``: top-1, whole sequence,
+per-pixel argmax or map IoU, by the output's shape) at least ``min_agreement`` (each only when given); with
+neither gate, a fidelity check is *measured*, not passed (``passed`` is None).
 Neither passes over no values, or when the reference output holds NaN or infinity.
 
 A comparison that cannot tell two models apart carries a ``caution``: the reference output is the same for
