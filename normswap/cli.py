@@ -80,6 +80,10 @@ class _Group(click.Group):
         except Exception as e:  # a bug: say so in one line
             if ctx.meta.get("normswap.debug"):
                 raise
+            if _out_of_memory(e):  # a native library's allocation failure (onnxruntime's std::bad_alloc)
+                click.echo("normswap: error: ran out of memory; free memory, raise the limit (ulimit -v), or pass "
+                           "smaller inputs / fewer samples", err=True)
+                ctx.exit(EXIT_UNSUPPORTED)
             click.echo(f"normswap: internal error: {type(e).__name__}: {printable(e)}; rerun with --debug and "
                        "report it",
                        err=True)
@@ -87,6 +91,12 @@ class _Group(click.Group):
         finally:
             signal.signal(signal.SIGTERM, previous)
             sys.stdout = stdout
+
+
+def _out_of_memory(e: Exception) -> bool:
+    """Whether an exception from a native library reports a failed allocation."""
+    text = str(e)
+    return "bad_alloc" in text or "Failed to allocate memory" in text or "out of memory" in text.lower()
 
 
 class _PipeSafe:

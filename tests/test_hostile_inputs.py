@@ -47,9 +47,11 @@ def _cli_patched(tmp_path, patch: str, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 
-def test_running_out_of_memory_anyway_is_one_line_with_exit_4(tmp_path):
+@pytest.mark.parametrize("error", ["MemoryError()", "RuntimeError('Non-zero status code: std::bad_alloc')"])
+def test_running_out_of_memory_anyway_is_one_line_with_exit_4(tmp_path, error):
+    """Python's MemoryError, and a native library's failed allocation (onnxruntime under ulimit -v)."""
     p = _cli_patched(tmp_path, "import importlib; r = importlib.import_module('normswap.validate.runner')\n"
-                     "def boom(*a, **k): raise MemoryError()\nr.validate_many = boom",
+                     f"def boom(*a, **k): raise {error}\nr.validate_many = boom",
                      "convert", "{model}", "--to", "fold", "-o", tmp_path / "o.onnx")
     assert p.returncode == 4 and "ran out of memory" in p.stderr and _one_line(p)
 
