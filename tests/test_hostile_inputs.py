@@ -176,3 +176,34 @@ def test_ctrl_c_landing_as_a_run_finishes_still_exits_130(tmp_path):
     p = _cli_patched(tmp_path, "import click\ndef late(self, *a, **k): raise KeyboardInterrupt()\n"
                      "click.Context.__exit__ = late", "inspect", "{model}")
     assert p.returncode == 130 and "interrupted" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_numpy_runtime_warnings_never_reach_stderr(tmp_path):
+    """#14: values near 3e38 make numpy warn with a source line; the CLI prints its own lines only."""
+    p = _cli_patched(tmp_path, "import numpy as np\nimport normswap.onnx.convert as c\nreal = c.convert_in_place\n"
+                     "def noisy(*a, **k):\n    np.float32(3e38) * np.float32(10)\n    return real(*a, **k)\n"
+                     "c.convert_in_place = noisy", "convert", "{model}", "--to", "fold", "-o", tmp_path / "o.onnx")
+    assert p.returncode == 0, p.stderr
+    assert "RuntimeWarning" not in p.stderr and "overflow" not in p.stderr
+
+
+def test_a_torch_export_without_batchnorm_says_the_exporter_folded_it(tmp_path):
+    from onnx import helper
+    m = model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [2, 3])], [out("y", 2)], opset=17,
+              producer_name="pytorch")
+    path = tmp_path / "m.onnx"
+    onnx.save_model(m, str(path))
+    r = cli("convert", path, "--to", "fold")
+    assert r.returncode == 0 and "optimize=False" in r.stdout
+    m.producer_name = "other"
+    onnx.save_model(m, str(path))
+    assert "optimize=False" not in cli("convert", path, "--to", "fold").stdout
+
+
+def test_inspect_prints_the_table_before_measuring_batch_sensitivity(tmp_path):
+    from pathlib import Path as P
+    fixtures = P(__file__).parent.parent / "fixtures"
+    r = cli("inspect", fixtures / "digits_resnet.onnx", "--batch-sensitivity", fixtures / "digits_heldout.npz",
+            "--batch-sizes", "1,8", "--batches", "2")
+    assert r.returncode == 0, r.stderr
+    assert 0 <= r.stdout.index("normalization site(s)") < r.stdout.index("batch-size sensitivity")
