@@ -139,3 +139,19 @@ def test_without_independent_kernels_the_same_pair_is_judged_by_the_multiple():
     stats.add(exact + 1e-9, cand)
     stats.add_float64(exact + 1e-9, cand, exact)
     assert stats.result().passed is False  # a rewrite judged against the original: 4200x its error fails
+
+
+def test_a_model_with_external_data_is_judged_against_the_float64_noise_floor(tmp_path):
+    """torch.onnx (dynamo) writes its weights to a .data file: the float64 copy reads them from there."""
+    from tests.builders import broken_fold, conv_bn
+    m = conv_bn(np.random.default_rng(0), cin=8, cout=16)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(m)
+    onnx.save_model(copy, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.onnx.data",
+                    size_threshold=0)
+    x = {"x": np.random.default_rng(1).standard_normal((2, 8, 5, 5)).astype(np.float32)}
+    result = normswap.convert(tmp_path / "m.onnx", to="fold", inputs=x)
+    v = result.report.validation
+    assert v.rule == "noise floor" and v.passed and v.rule_note is None
+    broken = broken_fold(result.model, result.report.layers[0].new_nodes[0], "scaled")
+    assert normswap.validate(tmp_path / "m.onnx", broken, inputs=x).passed is False

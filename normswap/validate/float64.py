@@ -51,9 +51,10 @@ class Unavailable(Exception):
 def _tensor64(t: onnx.TensorProto) -> onnx.TensorProto:
     if t.data_type in _OTHER_FLOATS:
         raise Unavailable(f"it holds {onnx.TensorProto.DataType.Name(t.data_type).lower()} tensors")
-    if t.data_type != _FLOAT:
-        return t
-    return numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name)
+    from ..onnx.external import is_external, tensor_array
+    if t.data_type != _FLOAT:  # other types as they are (a tensor still in its external file: read into the copy)
+        return numpy_helper.from_array(tensor_array(t), t.name) if is_external(t) else t
+    return numpy_helper.from_array(tensor_array(t).astype(np.float64), t.name)
 
 
 def _value64(vi: onnx.ValueInfoProto) -> None:
@@ -87,12 +88,14 @@ def _graph64(g: onnx.GraphProto) -> None:
 
 def float64_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` computing in float64 (raises ``Unavailable``)."""
-    from ..onnx.io import has_bound_data, needs_external_data
+    from ..onnx.external import payload_length
+    from ..onnx.io import needs_external_data
     if model.functions:
         raise Unavailable("it has local functions")
-    if has_bound_data(model) or needs_external_data(model):
-        raise Unavailable("its weights are stored outside the model (external data)")
-    size = sum(len(t.raw_data) + 4 * len(t.float_data) for t in model.graph.initializer if t.data_type == _FLOAT)
+    if needs_external_data(model):
+        raise Unavailable("it is over 2 GB (its float64 copy could not be one protobuf)")
+    size = sum((payload_length(t) or 0) + 4 * len(t.float_data) for t in model.graph.initializer
+               if t.data_type == _FLOAT)  # weights still in their external file are read into the copy
     if size > FLOAT64_MAX_BYTES:
         raise Unavailable(f"its float32 weights ({size >> 20} MiB) are too large to copy to float64")
     copy = onnx.ModelProto()
