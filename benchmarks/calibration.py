@@ -82,7 +82,7 @@ if frontend == "onnx":
     for k in range(n):
         session.run(None, {{"x": data[k:k + 1]}})
     forward = time.perf_counter() - start
-    result = normswap.convert(path, to="group", groups="auto", calibration={{"x": data}}, validate=False,
+    result = normswap.convert(path, to="group", groups="auto", calibration={{"x": data}}, validate=False, refine=False,
                               progress=False)
 else:
     with torch.no_grad():
@@ -91,7 +91,8 @@ else:
         for k in range(0, n, 64):
             module(x[k:k + 64])
         forward = time.perf_counter() - start
-    result = normswap.convert(module, to="group", groups="auto", calibration=x, validate=False, progress=False)
+    result = normswap.convert(module, to="group", groups="auto", calibration=x, validate=False, progress=False,
+                              refine=False)
 c = result.report.calibration
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({{"forward_s": forward, "calibration_s": c.seconds, "segments": c.segments, "passes": c.passes,

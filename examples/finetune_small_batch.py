@@ -90,7 +90,9 @@ def prepare(variant: str, original: nn.Module, unlabeled: np.ndarray, new_images
         net = copy.deepcopy(original)
         return reestimate(net, new_images) if variant == "bn-reestimated" else net
     calibration = torch.from_numpy(unlabeled) if variant != "gn-fresh" else None
-    extra = {"distill_steps": setting.distill_steps} if variant == "gn-distilled" else {}
+    # gn-calibrated: calibration alone; gn-distilled: then refinement for a fixed number of steps
+    extra = {"refine_steps": setting.distill_steps, "refine_seconds": 600} if variant == "gn-distilled" else {
+        "refine": False}
     result = normswap.convert(original, to="group", groups=GROUPS, calibration=calibration, validate=False,
                               example_inputs=torch.from_numpy(unlabeled[:8]), progress=False, **extra)
     net = result.model

@@ -241,6 +241,12 @@ class AffineFit:
         self.syy += syy
         self.szy += szy
 
+    def unexplained(self, sse: np.ndarray) -> float:
+        """The share of the target's variance (over all channels) that the fit with per-channel ``sse`` leaves
+        unexplained: 0 a perfect fit, 1 no better than each channel's mean."""
+        spread = float(np.sum(self.syy - self.sy * self.sy / np.maximum(self.n, 1)))
+        return float(np.sum(sse)) / spread if spread > 0 else 0.0
+
     def solve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(a, b, sse)`` per channel. A channel whose z or y does not vary (``CONSTANT_CHANNEL``) gets ``a = 0``
         and ``b = mean(y)``.

@@ -9,7 +9,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,8 @@ import onnx
 
 from .errors import option
 from .errors import UnsupportedError, UsageError, ValidationFailedError
-from .activation_store import DEFAULT_MEMORY_BUDGET
+from .options import (CALIBRATION_BATCH, REFINEMENT_KEYWORDS, CalibrationOptions, RefinementOptions,
+                      ValidationOptions, stage_options)
 from .progress import auto_progress
 from .batch_sensitivity import DEFAULT_BATCHES, DEFAULT_BATCH_SIZES
 from .report import ConversionReport, InspectReport, SensitivityReport, ValidationReport
@@ -28,7 +29,6 @@ from .targets import (LAYER_OVER, REPLACEMENT_TARGETS, TARGET_NAMES, ReplaceOpti
 ModelLike = str | os.PathLike | onnx.ModelProto
 Inputs = str | os.PathLike | Mapping[str, np.ndarray] | None
 Progress = Callable[[int, int, str], None]
-CALIBRATION_BATCH = 64
 
 
 def _graphsurgeon_graph(model) -> bool:
@@ -100,19 +100,11 @@ def _check_not_a_read_file(model: onnx.ModelProto, source: str, dest: str | os.P
     return sorted(files) + ([Path(source)] if Path(source).is_file() else [])
 
 
-def _check_options(to: str, layer_over: str, atol: float | None, rtol: float | None,
-                   min_cosine: float | None, min_agreement: float | None, batch_size: int) -> None:
+def _check_target(to: str, layer_over: str) -> None:
     if to not in TARGET_NAMES:
         raise UsageError(f"unknown target '{to}'; choose one of {', '.join(TARGET_NAMES)}")
     if layer_over not in LAYER_OVER:
         raise UsageError(f"{option('layer_over')} must be one of {', '.join(LAYER_OVER)} (got {layer_over!r})")
-    if (atol is not None and atol < 0) or (rtol is not None and rtol < 0):
-        raise UsageError(f"{option('atol')} and {option('rtol')} must be non-negative")
-    for name, gate in ((option("min_cosine"), min_cosine), (option("min_agreement"), min_agreement)):
-        if gate is not None and not -1.0 <= gate <= 1.0:
-            raise UsageError(f"{name} must lie between -1 and 1")
-    if batch_size < 1:
-        raise UsageError("the calibration batch size must be positive")
 
 
 VALIDATION_HOLDOUT = 0.15  # of the calibration data, held aside to validate on when no --inputs are given
@@ -146,12 +138,7 @@ def exporter_folded_hint(model: onnx.ModelProto) -> str:
 
 def task_measure(task_metric: TaskMetric | None, map_threshold: float) -> TaskMeasure:
     """The agreement settings, checked: a callable metric, a threshold strictly inside (0, 1)."""
-    if task_metric is not None and not callable(task_metric):
-        raise UsageError(f"{option('task_metric')} must be a callable (reference_outputs, candidate_outputs) -> "
-                         f"agreement in 0..1, got {type(task_metric).__name__}")
-    if not 0.0 < map_threshold < 1.0:
-        raise UsageError(f"{option('map_threshold')} must lie strictly between 0 and 1 (got {map_threshold:g})")
-    return TaskMeasure(map_threshold, task_metric)
+    return ValidationOptions(task_metric=task_metric, map_threshold=map_threshold).task
 
 
 def _upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -205,71 +192,79 @@ def _is_torch_module(model) -> bool:
 
 @auto_progress
 def convert(model, to: str = "fold", *, groups: int | str | None = None, group_size: int | None = None,
-            layer_over: str = "all", calibration=None, refit_output_layer: bool = True,
-            distill_steps: int = 0, distill_scope: str = "all", distill_holdout: float = 0.15, example_inputs=None,
-            calibration_batch_size: int = CALIBRATION_BATCH, calibration_memory: int = DEFAULT_MEMORY_BUDGET,
-            keep_unfoldable: bool = False, allow_nonfinite: bool = False, validate: bool = True,
-            provider: str = "auto", inputs: Inputs = None, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-            atol: float | None = None, rtol: float | None = None, seed: int = 0, min_cosine: float | None = None,
-            min_agreement: float | None = None, task_metric: TaskMetric | None = None,
-            map_threshold: float = DEFAULT_THRESHOLD, opset: int | None = None,
-            progress: Progress | bool | None = None):
+            layer_over: str = "all", calibration=None, example_inputs=None, keep_unfoldable: bool = False,
+            allow_nonfinite: bool = False, validate: bool = True, opset: int | None = None,
+            calibration_options: CalibrationOptions | None = None, refine: RefinementOptions | bool | None = None,
+            validation: ValidationOptions | None = None, agreement_floor: float | None = None,
+            progress: Progress | bool | None = None, **keywords):
     """Convert every BatchNorm of an ONNX model (path or ``onnx.ModelProto``) or a ``torch.nn.Module`` for
-    target ``to`` and (by default) validate the result against the original in ONNX Runtime: exact targets within
-    the float64 noise floor (each output's error against a float64 evaluation of the original at most a few
-    times the original's own float32 error; ``atol`` / ``rtol`` given: elementwise instead), replacement targets
-    for fidelity (gated by ``min_cosine`` / ``min_agreement`` when given). Agreement is measured in the task's
-    terms by each output's shape (top-1, whole-sequence argmax, per-pixel argmax, IoU of probability maps
-    thresholded at ``map_threshold``), or by ``task_metric(reference_outputs, candidate_outputs) -> 0..1``.
+    target ``to`` and (by default) validate the result against the original in ONNX Runtime.
+
     ``calibration`` (unlabeled samples; ONNX: an .npz path or a mapping of input name to array; torch: a tensor,
-    a tuple of tensors or an iterable of batches) refits the new layers so the network keeps its function;
-    ``distill_steps`` then trains the converted network towards the original's outputs (ONNX models run in torch
-    for it, their trained values written back into the initializers they came from):
-    ``distill_scope="all"`` every parameter, ``"norms"`` the new layers' scale and shift; ``distill_holdout`` of
-    the calibration data is held aside to keep the best state (or the calibrated one when no step beats it).
-    ``to="group"``: ``groups=G`` (default 32) is honoured in every layer whose C allows it (the largest divisor of C not above G;
-    the report gives each layer's count and why it differs), ``group_size=S`` asks for S channels per group, and
-    ``groups="auto"`` lets calibration choose each layer's count by measured fit. Calibration runs
-    each model once, segment by segment, keeping activations in memory up to ``calibration_memory`` bytes (a
-    quarter of RAM by default) and on disk beyond. A BN with NaN / infinite parameters, a NaN epsilon or a
-    negative variance is refused (``InvalidModelError``) unless ``allow_nonfinite``. Validation failure
-    is recorded in the report, not raised. ``progress``: None draws a bar on stderr when it is a terminal, False
-    draws none, a callable receives ``(done, total, label)``. Returns a ``ConversionResult`` (ONNX) or
-    ``TorchConversionResult``."""
-    _check_options(to, layer_over, atol, rtol, min_cosine, min_agreement, calibration_batch_size)
-    task = task_measure(task_metric, map_threshold)
+    a tuple of tensors or an iterable of batches) refits the new layers so the network keeps its function, then
+    **refinement** (on by default when torch is installed; ``refine=False`` for calibration alone) trains the
+    converted network's parameters towards the original's outputs within a time budget, keeping the best state on
+    held-out data (ONNX models run in torch for it, their trained values written back into the initializers they
+    came from). ``to="group"``: ``groups=G`` (default 32) is honoured in every layer whose C allows it (the
+    largest divisor of C not above G; the report gives each layer's count and why it differs), ``group_size=S``
+    asks for S channels per group, and ``groups="auto"`` lets calibration choose each layer's count by measured
+    fit. A BN with NaN / infinite parameters, a NaN epsilon or a negative variance is refused
+    (``InvalidModelError``) unless ``allow_nonfinite``.
+
+    Each stage's settings are one typed group (``normswap.options``): ``calibration_options``
+    (``CalibrationOptions``: batch size, activation memory, output-layer refit), ``refine``
+    (``RefinementOptions``: seconds, steps, scope, holdout, batch size) and ``validation``
+    (``ValidationOptions``: provider, inputs, input shapes, atol / rtol, seed, min_cosine / min_agreement gates,
+    task_metric, map_threshold). Each field may also be passed as a keyword (``provider="cpu"``,
+    ``inputs=...``, ``refine_seconds=60``, ``calibration_batch_size=32``); ``distill_steps`` /
+    ``distill_scope`` / ``distill_holdout`` are deprecated names of ``refine_steps`` / ``refine_scope`` /
+    ``refine_holdout``.
+
+    ``agreement_floor=A`` (ONNX models, a replacement target, calibration data): the agreement-floor plan
+    (``onnx.plan``) -- as many BNs as keep the task agreement at least ``A`` (on the calibration data; refined
+    candidates on refinement's held-out slice) become the target norm, the rest frozen per-channel affine (exact); ``report.plan`` says
+    which and what agreement was reached.
+
+    Validation: exact targets within the float64 noise floor (each output's error against a float64 evaluation
+    of the original at most a few times the original's own float32 error; atol / rtol given: elementwise),
+    replacement targets for fidelity, agreement measured in the task's terms by each output's shape (top-1,
+    whole-sequence argmax, per-pixel argmax, IoU of probability maps thresholded at map_threshold) or by
+    ``task_metric(reference_outputs, candidate_outputs) -> 0..1``. Validation failure is recorded in the report,
+    not raised. ``progress``: None draws a bar on stderr when it is a terminal, False draws none, a callable
+    receives ``(done, total, label)``. Returns a ``ConversionResult`` (ONNX) or ``TorchConversionResult``."""
+    _check_target(to, layer_over)
+    refine_asked = (refine is not None and refine is not False) or any(
+        k in keywords for k in REFINEMENT_KEYWORDS) or bool(keywords.get("distill_steps"))
+    cal, ref, val = stage_options(calibration_options, refine, validation, keywords)
     groups, choose_groups = resolve_groups(to, groups, group_size)
-    gates = [option(n, v) for n, v in (("min_cosine", min_cosine), ("min_agreement", min_agreement)) if v is not None]
+    gates = [option(n, v) for n, v in (("min_cosine", val.min_cosine), ("min_agreement", val.min_agreement))
+             if v is not None]
     if gates and get_target(to).exact:
         raise UsageError(f"{' and '.join(gates)} gate(s) non-exact targets; {option('to', to)} is exact and is "
                          f"checked within {option('atol')} / {option('rtol')}: remove the gate")
-    if distill_steps < 0:
-        raise UsageError("distill_steps must not be negative")
-    if calibration_memory < 0:
-        raise UsageError("calibration_memory must not be negative (bytes of activations kept in memory)")
+    if refine_asked and ref.enabled and (to not in REPLACEMENT_TARGETS or calibration is None):
+        raise UsageError(f"refinement needs a replacement target (group / layer / instance) and "
+                         f"{option('calibration')} data")
+    if agreement_floor is not None:
+        if not 0 < agreement_floor <= 1:
+            raise UsageError(f"{option('agreement_floor', agreement_floor)} must lie in (0, 1]")
+        if to not in REPLACEMENT_TARGETS or calibration is None:
+            raise UsageError(f"{option('agreement_floor')} needs a replacement target (group / layer / instance) and "
+                             f"{option('calibration')} data")
+        if _is_torch_module(model):
+            raise UnsupportedError(f"{option('agreement_floor')} plans ONNX models; export the module to ONNX "
+                                   "(dynamo=True, optimize=False keeps its BNs) and plan that")
+    replace_options = ReplaceOptions(groups=groups, group_size=group_size, layer_over=layer_over,
+                                     allow_nonfinite=allow_nonfinite, groups_by_fit=choose_groups)
     if _is_torch_module(model):
         from .torch.api import convert_torch
         if opset is not None:
             raise UsageError("opset applies to ONNX models only")
-        return convert_torch(model, to, options=ReplaceOptions(groups=groups, group_size=group_size,
-                                                               layer_over=layer_over, allow_nonfinite=allow_nonfinite,
-                                                               groups_by_fit=choose_groups),
-                             calibration=calibration, example_inputs=example_inputs,
-                             refit_output_layer=refit_output_layer, choose_groups=choose_groups,
-                             calibration_batch_size=calibration_batch_size,
-                             calibration_memory=calibration_memory, distill_steps=distill_steps,
-                             distill_scope=distill_scope, distill_holdout=distill_holdout,
-                             keep_unfoldable=keep_unfoldable, validate=validate, provider=provider, inputs=inputs,
-                             atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement,
-                             task=task, progress=progress)
+        return convert_torch(model, to, options=replace_options, calibration=calibration,
+                             example_inputs=example_inputs, keep_unfoldable=keep_unfoldable, validate=validate,
+                             calibrating=cal, refining=ref, validating=val, progress=progress)
     if example_inputs is not None:
         raise UsageError("example_inputs apply to torch modules; ONNX models take calibration data and input_shapes")
-    if distill_steps and (to not in REPLACEMENT_TARGETS or calibration is None):
-        raise UsageError(f"{option('distill_steps')} needs a replacement target (group / layer / instance) and "
-                         f"{option('calibration')} data")
-    if distill_steps and importlib.util.find_spec("torch") is None:
-        raise UsageError(f"{option('distill_steps')} on ONNX models runs them in torch, which is not installed "
-                         "(pip install normswap[torch]); calibration alone needs no torch")
     from .onnx.convert import convert_in_place
     from .onnx.io import graph_count
     target = get_target(to)
@@ -279,13 +274,14 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
     in_memory = isinstance(model, onnx.ModelProto) or _graphsurgeon_graph(model)
     admission = admit(original, original if in_memory else Path(source))
     from .validate.inputs import check_input_shapes, checked_inputs
-    check_input_shapes(original, input_shapes)  # every argument is checked before any work
-    inputs = checked_inputs(inputs, original) if validate else inputs
+    check_input_shapes(original, val.input_shapes)  # every argument is checked before any work
+    inputs = checked_inputs(val.inputs, original) if validate else val.inputs
     calib = _calibration_data(calibration, original) if calibration is not None and (
         replacing or (validate and inputs is None)) else None
     calib_validates = validate and inputs is None and calib is not None
     if calib_validates:  # the data the user gave, not random inputs
         calib, inputs = hold_aside(calib, VALIDATION_HOLDOUT if replacing else 0.0)
+    val = replace(val, inputs=inputs)
     calib = calib if replacing else None
     before = graph_count(original)
     if in_memory or opset is not None:  # keep the caller's object / the original intact
@@ -296,11 +292,12 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
             converted.CopyFrom(original)
     else:  # loaded for this call only: edit it directly (no second copy of the weights), reference = the file
         converted, reference = original, Path(source)
-    options = ReplaceOptions(groups=groups, group_size=group_size, layer_over=layer_over,
-                             allow_nonfinite=allow_nonfinite, groups_by_fit=choose_groups)
     probe_data = calib if calib is not None else (inputs if isinstance(inputs, Mapping) else None)
-    probe = _shape_probe(reference, probe_data, input_shapes, seed, provider)
-    conversion = convert_in_place(converted, to, keep_unfoldable, options, probe)
+    probe = _shape_probe(reference, probe_data, val.input_shapes, val.seed, val.provider)
+    if agreement_floor is not None and calib is not None:
+        return _planned(model, reference, converted, to, replace_options, calib, agreement_floor, cal, ref, val,
+                        validate, admission, source, had_external, before, probe, progress)
+    conversion = convert_in_place(converted, to, keep_unfoldable, replace_options, probe)
     notes = ([admission] if admission else []) + conversion.notes
     if choose_groups and calibration is None:
         notes.append(auto_groups_note(groups))
@@ -317,14 +314,12 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
             from .onnx.calibrate import calibrate
             from .validate.providers import select_providers
             report.calibration = calibrate(reference, converted, conversion.new_norms, calib,
-                                           select_providers(provider).providers,
-                                           batch_size=calibration_batch_size,
-                                           refit_output_layer=refit_output_layer, choose_groups=choose_groups,
-                                           memory_budget=calibration_memory, progress=progress)
+                                           select_providers(val.provider).providers, batch_size=cal.batch_size,
+                                           refit_output_layer=cal.refit_output_layer, choose_groups=choose_groups,
+                                           memory_budget=cal.memory, progress=progress)
             notes.extend(report.calibration.notes)
-            if distill_steps:
-                _refine(reference, converted, conversion.new_norms, calib, report, distill_steps, distill_scope,
-                        distill_holdout, calibration_batch_size, progress)
+            if ref.enabled:
+                _refine(reference, converted, conversion.new_norms, calib, report, ref, val.task, progress)
         else:
             report.function_preserved = False
             notes.append("function NOT preserved: without calibration data the new layers use the BN's gamma and "
@@ -334,10 +329,9 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
                      + exporter_folded_hint(original))
     elif validate:
         main_norms = tuple(n.y for n in conversion.new_norms if n.graph == "main")
-        report.validation = validate_models_checked(
-            reference, converted, provider, inputs, input_shapes, atol, rtol, seed,
-            check="exact" if target.exact else "fidelity", min_cosine=min_cosine, min_agreement=min_agreement,
-            layer_outputs=main_norms, progress=progress, task=task)
+        report.validation = validate_models_checked(reference, converted, val,
+                                                    check="exact" if target.exact else "fidelity",
+                                                    layer_outputs=main_norms, progress=progress)
         for n in conversion.new_norms:
             n.record.drift_cosine = report.validation.layer_cosine.get(n.y)
         if not target.exact and inputs is None:
@@ -351,22 +345,72 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
     return result
 
 
-def _refine(reference, converted: onnx.ModelProto, new_norms, calib, report: ConversionReport, steps: int,
-            scope: str, holdout: float, batch_size: int, progress) -> None:
-    """Distillation of a calibrated ONNX conversion (``onnx.refine``); a graph the torch executor cannot run keeps
-    the calibrated model, with a note saying why."""
+def _planned(model, reference, original: onnx.ModelProto, to: str, options: ReplaceOptions, calib, floor: float,
+             cal: CalibrationOptions, ref: RefinementOptions, val: ValidationOptions, validate: bool,
+             admission: str | None, source: str, had_external: bool, before: int, probe, progress
+             ) -> ConversionResult:
+    """``convert`` with an agreement floor (``onnx.plan``): plan, then validate the chosen conversion."""
+    from .onnx.io import graph_count
+    from .onnx.plan import plan_conversion
+    from .validate.providers import select_providers
+    notes: list[str] = [admission] if admission else []
+    refiner = None
+    if ref.enabled and importlib.util.find_spec("torch") is None:
+        notes.append(TORCH_MISSING)
+    elif ref.enabled:
+        def refiner(model, conversion, calibration_report):
+            holder = ConversionReport(to, False, source, conversion.records, 0, 0, notes=[])
+            holder.calibration = calibration_report
+            _refine(reference, model, conversion.new_norms, calib, holder, ref, val.task, progress)
+            notes.extend(n for n in holder.notes if n.startswith("refinement skipped") and n not in notes)
+            return calibration_report.refinement
+    chosen, plan = plan_conversion(reference, original, to, options, calib, floor, cal, val,
+                                   select_providers(val.provider).providers, probe, refiner, progress)
+    converted, conversion = chosen.model, chosen.conversion
+    notes += conversion.notes
+    report = ConversionReport(to, False, source, conversion.records, before, graph_count(converted), notes=notes)
+    report.calibration, report.plan = chosen.calibration, plan
+    if chosen.calibration is not None:
+        notes.extend(chosen.calibration.notes)
+        if chosen.refinement is not None:
+            notes.append(chosen.refinement.summary())
+    notes.append(plan.summary())
+    if validate:
+        main_norms = tuple(n.y for n in conversion.new_norms if n.graph == "main")
+        report.validation = validate_models_checked(reference, converted, val, check="fidelity",
+                                                    layer_outputs=main_norms, progress=progress)
+        for n in conversion.new_norms:
+            n.record.drift_cosine = report.validation.layer_cosine.get(n.y)
+    report.judge_function()
+    result = ConversionResult(converted, report, had_external)
+    if _graphsurgeon_graph(model):
+        result.graph = sys.modules["onnx_graphsurgeon"].import_onnx(converted)
+    return result
+
+
+TORCH_MISSING = ("refinement skipped: it runs in torch, which is not installed (pip install normswap[torch]); "
+                 "the calibrated model is kept")
+
+
+def _refine(reference, converted: onnx.ModelProto, new_norms, calib, report: ConversionReport,
+            options: RefinementOptions, task: TaskMeasure, progress) -> None:
+    """Refinement of a calibrated ONNX conversion (``onnx.refine``). Without torch, or on a graph the torch
+    executor cannot run, the calibrated model is kept, with a note saying why."""
+    if importlib.util.find_spec("torch") is None:
+        report.notes.append(TORCH_MISSING)
+        return
     from .onnx.refine import refine_onnx
     norms = [t for n in new_norms for t in (n.scale, n.shift)]
     try:
-        result = refine_onnx(reference, converted, norms, calib, steps, scope, holdout, batch_size, progress)
+        result = refine_onnx(reference, converted, norms, calib, options, task, progress)
     except UnsupportedError as e:
-        report.notes.append(f"distillation skipped, the calibrated model kept: {e}")
+        report.notes.append(f"refinement skipped, the calibrated model kept: {e}")
         return
-    report.calibration.distillation = result
+    report.calibration.refinement = result
     report.notes.append(result.summary())
     if result.kept:
         from .onnx.refine import trainable_initializers
-        changed = set(trainable_initializers(converted, scope, norms))
+        changed = set(trainable_initializers(converted, options.scope, norms))
         owners = {n.name for n in converted.graph.node if changed & set(n.input)}
         report.calibration.layers_changed = sorted(set(report.calibration.layers_changed) | owners)
 
@@ -378,19 +422,15 @@ def _calibration_data(calibration: Inputs, model: onnx.ModelProto) -> dict[str, 
     return load_npz_inputs(calibration, model)
 
 
-def validate_models_checked(reference: onnx.ModelProto | Path, candidate: onnx.ModelProto, provider: str,
-                            inputs: Inputs, input_shapes, atol: float | None, rtol: float | None, seed: int, *,
-                            check: str = "exact", min_cosine: float | None = None,
-                            min_agreement: float | None = None, layer_outputs: tuple[str, ...] = (),
-                            progress: Progress | None = None, task: TaskMeasure = TaskMeasure()
-                            ) -> ValidationReport:
+def validate_models_checked(reference: onnx.ModelProto | Path, candidate: onnx.ModelProto,
+                            options: ValidationOptions, *, check: str = "exact", layer_outputs: tuple[str, ...] = (),
+                            progress: Progress | None = None) -> ValidationReport:
     from .validate.runner import validate_models
-    if (atol is not None and atol < 0) or (rtol is not None and rtol < 0):
-        raise UsageError(f"{option('atol')} and {option('rtol')} must be non-negative")
-    return validate_models(reference, candidate, provider=provider, inputs=inputs, input_shapes=input_shapes,
-                           atol=atol, rtol=rtol, seed=seed, check=check, min_cosine=min_cosine,
-                           min_agreement=min_agreement, layer_outputs=layer_outputs, progress=progress,
-                           task=task)
+    o = options.check()
+    return validate_models(reference, candidate, provider=o.provider, inputs=o.inputs, input_shapes=o.input_shapes,
+                           atol=o.atol, rtol=o.rtol, seed=o.seed, check=check, min_cosine=o.min_cosine,
+                           min_agreement=o.min_agreement, layer_outputs=layer_outputs, progress=progress,
+                           task=o.task)
 
 
 def validate(reference: ModelLike, candidate: ModelLike, *, provider: str = "auto", inputs: Inputs = None,
@@ -405,11 +445,11 @@ def validate(reference: ModelLike, candidate: ModelLike, *, provider: str = "aut
     ``convert``)."""
     if check not in ("exact", "fidelity"):
         raise UsageError("check must be 'exact' or 'fidelity'")
-    task = task_measure(task_metric, map_threshold)
+    options = ValidationOptions(provider, inputs, input_shapes, atol, rtol, seed, min_cosine, min_agreement,
+                                task_metric, map_threshold).check()
     ref, _, _ = _load(reference, copy=False)
     cand, _, _ = _load(candidate, copy=False)
-    return validate_models_checked(ref, cand, provider, inputs, input_shapes, atol, rtol, seed, check=check,
-                                   min_cosine=min_cosine, min_agreement=min_agreement, task=task)
+    return validate_models_checked(ref, cand, options, check=check)
 
 
 def batch_sensitivity(model, data, *, batch_sizes=DEFAULT_BATCH_SIZES, batches: int = DEFAULT_BATCHES,

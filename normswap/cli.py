@@ -13,10 +13,11 @@ from pathlib import Path
 import click
 
 from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_UNSUPPORTED, EXIT_VALIDATION_FAILED,
-                     SPEAKING_CLI, NormswapError, UsageError)
+                     SPEAKING_CLI, NormswapError, UnsupportedError, UsageError)
 from .report import ConversionReport, InspectReport, ValidationReport
-from .api import CALIBRATION_BATCH
-from .targets import DEFAULT_GROUPS, LAYER_OVER, TARGET_NAMES, resolve_groups
+from .options import (CALIBRATION_BATCH, DEFAULT_REFINE_SECONDS, DEFAULT_REFINE_STEPS, REFINE_SCOPES,
+                      CalibrationOptions, RefinementOptions, ValidationOptions)
+from .targets import DEFAULT_GROUPS, LAYER_OVER, REPLACEMENT_TARGETS, TARGET_NAMES, resolve_groups
 from .terminal import printable
 from .validate.agreement import DEFAULT_THRESHOLD
 from .validate.compare import DEFAULT_ATOL, DEFAULT_RTOL, NOISE_FLOOR, NOISE_MULTIPLE
@@ -544,6 +545,9 @@ Examples:
 @click.option("--purpose", type=click.Choice(["finetune", "deploy"]), default="finetune", show_default=True,
               help="What the recommendation is for: fine-tuning at small batch sizes, or inference.")
 @click.option("--no-latency", is_flag=True, help="Do not time the models.")
+@click.option("--agreement-floor", type=float, default=None, metavar="A",
+              help="ONNX models, with --calibrate: add a row per replacement target for its agreement-floor plan "
+                   "(as many BNs as keep agreement A normalize, the rest frozen affine).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True,
               help="ONNX Runtime provider: auto uses CUDA when it is really usable, else CPU.")
@@ -557,7 +561,8 @@ Examples:
               help="Write the report to this file: JSON, or a self-contained page with plots when it ends in "
                    ".html ('-': JSON on stdout).")
 def compare(model: str | None, torch_model: str | None, weights: str | None, targets: str, groups: str | None,
-            calibration: str | None, purpose: str, no_latency: bool, quiet: bool, provider: str,
+            calibration: str | None, purpose: str, no_latency: bool, agreement_floor: float | None, quiet: bool,
+            provider: str,
             inputs: str | None, input_shapes: tuple[str, ...], seed: int, map_threshold: float,
             report_path: str | None) -> None:
     """Convert MODEL to each target, measure what each keeps and costs, and recommend one."""
@@ -583,7 +588,7 @@ def compare(model: str | None, torch_model: str | None, weights: str | None, tar
     with _progress(quiet or report_path == "-") as progress:
         report = compare_targets(target, names, groups=groups, calibration=calib, inputs=held, provider=provider,
                                  seed=seed, purpose=purpose, latency=not no_latency, map_threshold=map_threshold,
-                                 progress=progress, **extra)
+                                 agreement_floor=agreement_floor, progress=progress, **extra)
     _write_report(report, report_path, reads)
     if report_path == "-":
         return
@@ -621,13 +626,25 @@ Examples:
 @_torch_options
 @click.option("--export-onnx", type=click.Path(dir_okay=False), default=None,
               help="With --torch-model: also export the converted module to this ONNX file.")
-@click.option("--distill-steps", type=int, default=0, show_default=True,
-              help="With --calibrate: after calibration, train towards the original's outputs this many steps "
-                   "(the best state on held-out data is kept; ONNX models run in torch for it).")
-@click.option("--distill-scope", type=click.Choice(["all", "norms"]), default="all", show_default=True,
-              help="Distillation trains every parameter (all) or the new layers' scale and shift (norms).")
-@click.option("--distill-holdout", type=float, default=0.15, show_default=True,
-              help="Share of the calibration data held aside to judge distillation.")
+@click.option("--refine/--no-refine", "refine", default=True, show_default=True,
+              help="With --calibrate and a replacement target: after calibration, train the converted network "
+                   "towards the original's outputs within --refine-seconds, keeping the best state on held-out data "
+                   "(needs torch; ONNX models run in torch for it).")
+@click.option("--refine-seconds", type=float, default=DEFAULT_REFINE_SECONDS, show_default=True,
+              help="Time budget of refinement (it stops earlier when held-out agreement stops improving).")
+@click.option("--refine-steps", type=int, default=DEFAULT_REFINE_STEPS, show_default=True,
+              help="At most this many refinement steps (whichever of the two limits comes first).")
+@click.option("--refine-scope", type=click.Choice(REFINE_SCOPES), default="all", show_default=True,
+              help="Refinement trains every parameter (all) or the new layers' scale and shift (norms).")
+@click.option("--refine-holdout", type=float, default=0.15, show_default=True,
+              help="Share of the calibration data held aside to keep refinement's best state.")
+@click.option("--agreement-floor", type=float, default=None, metavar="A",
+              help="ONNX models, with --calibrate and a replacement target: convert as many BNs as keep the task "
+                   "agreement at least A (measured on the calibration data), the rest frozen affine "
+                   "(exact); the report lists which normalize.")
+@click.option("--distill-steps", type=int, default=None, hidden=True)
+@click.option("--distill-scope", type=click.Choice(REFINE_SCOPES), default=None, hidden=True)
+@click.option("--distill-holdout", type=float, default=None, hidden=True)
 @click.option("--to", "target", type=click.Choice(TARGET_NAMES), required=True, help="What to turn BN into.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Output model (default: <stem>.<target>.onnx beside the input).")
@@ -662,9 +679,10 @@ Examples:
 @click.option("--keep-invalid", is_flag=True, help="Write the output even when validation fails (exit 1).")
 @_validation_options
 def convert(model: str | None, torch_model: str | None, weights: str | None, export_onnx: str | None,
-            distill_steps: int, distill_scope: str, distill_holdout: float, target: str, output: str | None,
-            in_place: bool, keep_unfoldable: bool,
-            allow_nonfinite: bool, groups: str | None,
+            refine: bool, refine_seconds: float, refine_steps: int | None, refine_scope: str, refine_holdout: float,
+            agreement_floor: float | None, distill_steps: int | None, distill_scope: str | None,
+            distill_holdout: float | None, target: str,
+            output: str | None, in_place: bool, keep_unfoldable: bool, allow_nonfinite: bool, groups: str | None,
             group_size: int | None, layer_over: str, calibration: str | None, calibrate_norms_only: bool,
             calibration_batch_size: int, calibration_memory: str | None, opset: int | None,
             min_cosine: float | None, min_agreement: float | None, quiet: bool, validate: bool,
@@ -679,14 +697,26 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
     _model_source(model, torch_model)
     if output == "":
         raise UsageError("-o is empty; name the output file")
-    memory = _size(calibration_memory)
     resolve_groups(target, groups, group_size)  # conflicting options fail before any work
+    cal = CalibrationOptions(calibration_batch_size, _size(calibration_memory), not calibrate_norms_only).check()
+    for old, value in (("--distill-steps", distill_steps), ("--distill-scope", distill_scope),
+                       ("--distill-holdout", distill_holdout)):
+        if value is not None:
+            click.echo(f"note: {old} is deprecated; use {old.replace('distill', 'refine')}", err=True)
+    if distill_steps == 0:
+        refine = False
+    ref = RefinementOptions(refine and calibration is not None, refine_seconds,
+                            refine_steps if distill_steps is None else distill_steps or None,
+                            distill_scope or refine_scope,
+                            refine_holdout if distill_holdout is None else distill_holdout).check()
+    val = ValidationOptions(provider, inputs, _shapes(input_shapes), atol, rtol, seed, min_cosine, min_agreement,
+                            map_threshold=map_threshold).check()
     if torch_model:
-        return _convert_torch(torch_model, weights, export_onnx, (distill_steps, distill_scope, distill_holdout),
-                              target, output, keep_unfoldable,
-                              groups, group_size, layer_over, calibration, calibrate_norms_only,
-                              calibration_batch_size, memory, min_cosine, min_agreement, quiet, validate,
-                              keep_invalid, provider, inputs, input_shapes, atol, rtol, seed, map_threshold,
+        if agreement_floor is not None:
+            raise UnsupportedError("--agreement-floor plans ONNX models; export the module to ONNX (dynamo=True, "
+                                   "optimize=False keeps its BNs) and plan that")
+        return _convert_torch(torch_model, weights, export_onnx, target, output, keep_unfoldable, groups,
+                              group_size, layer_over, calibration, cal, ref, val, quiet, validate, keep_invalid,
                               report_path)
     if export_onnx or weights:
         raise UsageError("--export-onnx and --weights apply to --torch-model")
@@ -699,18 +729,13 @@ def convert(model: str | None, torch_model: str | None, weights: str | None, exp
     out = plan.add(out, "-o" if output is not None else "the output", may_replace_input=replacing)
     plan.reserve(out.parent / f"{out.name}.data", "data file of the output")  # where its external data may go
     _plan_report(plan, report_path)
-    shapes = _shapes(input_shapes)
     quiet = quiet or report_path == "-"
     with _progress(quiet) as progress:
         result = convert_model(model, target, groups=groups, group_size=group_size, layer_over=layer_over,
-                               calibration=calibration, refit_output_layer=not calibrate_norms_only,
-                               calibration_batch_size=calibration_batch_size,
-                               calibration_memory=memory, keep_unfoldable=keep_unfoldable,
-                               allow_nonfinite=allow_nonfinite, validate=validate,
-                               provider=provider, inputs=inputs, input_shapes=shapes, atol=atol, rtol=rtol,
-                               seed=seed, min_cosine=min_cosine, min_agreement=min_agreement, opset=opset,
-                               map_threshold=map_threshold, distill_steps=distill_steps, distill_scope=distill_scope,
-                               distill_holdout=distill_holdout, progress=progress)
+                               calibration=calibration, keep_unfoldable=keep_unfoldable,
+                               allow_nonfinite=allow_nonfinite, validate=validate, opset=opset,
+                               calibration_options=cal, refine=ref if target in REPLACEMENT_TARGETS else False,
+                               validation=val, agreement_floor=agreement_floor, progress=progress)
     report = result.report
     quiet = report_path == "-"
     if not report.layers:  # nothing to do: no file is written, and that is a success
@@ -762,37 +787,32 @@ def _torch_args(module, shapes: dict[str, tuple[int, ...]], npz: str | None, see
     return tuple(torch.from_numpy(rng.standard_normal(shapes[n]).astype(np.float32)) for n in names if n in shapes)
 
 
-def _convert_torch(spec, weights, export_onnx, distillation, target, output, keep_unfoldable, groups, group_size,
-                   layer_over, calibration, calibrate_norms_only, calibration_batch_size, memory,
-                   min_cosine, min_agreement, quiet, validate, keep_invalid, provider, inputs, input_shapes, atol,
-                   rtol, seed, map_threshold, report_path) -> None:
+def _convert_torch(spec, weights, export_onnx, target, output, keep_unfoldable, groups, group_size, layer_over,
+                   calibration, cal, ref, val, quiet, validate, keep_invalid, report_path) -> None:
+    from dataclasses import replace
+
     from .api import convert as convert_model
     from .paths import WritePlan
     stem = Path(weights).stem if weights else spec.rpartition(":")[2]
     out = Path(output) if output is not None else Path(weights or ".").parent / f"{stem}.{target}.safetensors"
-    plan = WritePlan([_path(weights), _path(calibration), _path(inputs)])
+    plan = WritePlan([_path(weights), _path(calibration), _path(val.inputs)])
     out = plan.add(out, "-o" if output is not None else "the output")
     onnx_out = plan.add(export_onnx, "--export-onnx") if export_onnx is not None else None
     _plan_report(plan, report_path)
     module = _torch_module(spec, weights)
-    shapes = _shapes(input_shapes)
-    example = _torch_args(module, shapes, None, seed)
-    calib = _torch_args(module, {}, calibration, seed) if calibration else None
-    held = _torch_args(module, {}, inputs, seed) if inputs else None
+    example = _torch_args(module, dict(val.input_shapes or {}), None, val.seed)
+    calib = _torch_args(module, {}, calibration, val.seed) if calibration else None
+    held = _torch_args(module, {}, val.inputs, val.seed) if val.inputs else None
     if example is None and calib is None and held is None:
         raise UsageError("a torch module needs example inputs: pass --input-shape NAME:D0,D1,..., --calibrate or "
                          "--inputs")
     quiet = quiet or report_path == "-"
     with _progress(quiet) as progress:
         result = convert_model(module, target, groups=groups, group_size=group_size, layer_over=layer_over,
-                               calibration=calib, refit_output_layer=not calibrate_norms_only,
-                               calibration_batch_size=calibration_batch_size,
-                               calibration_memory=memory, distill_steps=distillation[0],
-                               distill_scope=distillation[1], distill_holdout=distillation[2],
-                               example_inputs=example if example is not None else held,
-                               keep_unfoldable=keep_unfoldable, validate=validate, provider=provider, inputs=held,
-                               atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement,
-                               map_threshold=map_threshold, progress=progress)
+                               calibration=calib, example_inputs=example if example is not None else held,
+                               keep_unfoldable=keep_unfoldable, validate=validate, calibration_options=cal,
+                               refine=ref if target in REPLACEMENT_TARGETS else False,
+                               validation=replace(val, inputs=held, input_shapes=None), progress=progress)
     report = result.report
     if not report.layers:
         if report_path != "-":

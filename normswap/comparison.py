@@ -81,7 +81,7 @@ def recommend(rows: list[CompareRow], purpose: str) -> tuple[str | None, str]:
             return best.target, f"exact and {speed}; the network computes what it did"
         pool, why = usable, "no exact target converted every BN; the best agreement"
     else:
-        pool = [r for r in usable if r.target in NORMALIZING]
+        pool = [r for r in usable if r.target.split("+")[0] in NORMALIZING]  # "group+plan" too
         why = "normalizes each sample by itself (independent of the batch size) and keeps the most of the original"
     if not pool:
         if not usable:
@@ -99,18 +99,25 @@ def recommend(rows: list[CompareRow], purpose: str) -> tuple[str | None, str]:
 def compare(model, targets=DEFAULT_TARGETS, *, groups: int | str | None = None, calibration=None,
             inputs=None, input_shapes: Mapping[str, tuple[int, ...]] | None = None, provider: str = "auto",
             seed: int = 0, purpose: str = "finetune", example_inputs=None, latency: bool = True,
-            task_metric=None, map_threshold: float = DEFAULT_THRESHOLD, progress=None) -> CompareReport:
+            task_metric=None, map_threshold: float = DEFAULT_THRESHOLD, agreement_floor: float | None = None,
+            progress=None) -> CompareReport:
     """Convert ``model`` (ONNX path / ModelProto, or a torch module) to every target in ``targets`` and measure
     each: exact or not, agreement in the task's terms (by output shape, or ``task_metric``; see ``convert``) and
     cosine against the original on ``inputs`` (held-out samples;
     random data when none), group counts, batch independence, parameters, nodes, latency per batch and
     calibration seconds (``calibration`` given: replacement targets are calibrated). Returns a
     ``CompareReport`` with one row per target and a recommendation for ``purpose`` (``"finetune"`` or
-    ``"deploy"``; see the module doc)."""
+    ``"deploy"``; see the module doc). ``agreement_floor=A`` (ONNX, with calibration data) adds a row for the
+    agreement-floor plan of each replacement target compared (``TARGET+plan``: as many BNs as keep agreement A
+    normalize, the rest frozen affine; see ``onnx.plan``)."""
     names = parse_targets(targets)
     check_purpose(purpose)
     from .api import _is_torch_module, task_measure
     task = task_measure(task_metric, map_threshold)
+    if agreement_floor is not None and (_is_torch_module(model) or calibration is None or
+                                        not set(names) & set(REPLACEMENT_TARGETS)):
+        raise UsageError(f"{option('agreement_floor')} in compare plans ONNX models with a replacement target "
+                         f"among the targets and {option('calibration')} data")
     if _is_torch_module(model):
         from .torch.compare import compare_torch
         rows, source, notes, batch = compare_torch(model, names, groups=groups, calibration=calibration,
@@ -123,6 +130,9 @@ def compare(model, targets=DEFAULT_TARGETS, *, groups: int | str | None = None, 
                              f"{option('input_shapes')}")
         rows, source, notes, batch = _compare_onnx(model, names, groups, calibration, inputs, input_shapes,
                                                    provider, seed, latency, task, progress)
+        if agreement_floor is not None:
+            rows += _plan_rows(model, names, groups, calibration, inputs, input_shapes, provider, seed, latency,
+                               task, agreement_floor, progress)
         timed_by = "onnxruntime (all graph optimizations)" if latency else ""
     target, reason = recommend(rows, purpose)
     return CompareReport(source, purpose, rows, target, reason, notes, batch, timed_by)
@@ -194,6 +204,30 @@ def _compare_onnx(model, names, groups, calibration, inputs, input_shapes, provi
     rows = [_row(n, reports[n], converted[n], times[1][k] if times else None, times[0] if times else None)
             for k, n in enumerate(names)]
     return rows, source, notes, times[2] if times else 0
+
+
+def _plan_rows(model, names, groups, calibration, inputs, input_shapes, provider, seed, latency, task, floor,
+               progress) -> list[CompareRow]:
+    """One row per replacement target: its agreement-floor plan, calibrated (not refined, like the other rows)."""
+    from .api import _load, convert
+    from .validate.providers import select_providers
+    from .validate.inputs import checked_inputs
+    rows = []
+    original = _load(model, copy=False)[0]
+    held = checked_inputs(inputs, original)
+    for name in names:
+        if name not in REPLACEMENT_TARGETS:
+            continue
+        result = convert(model, name, groups=groups if name == "group" else None, calibration=calibration,
+                         inputs=held, input_shapes=input_shapes, provider=provider, seed=seed,
+                         task_metric=task.metric, map_threshold=task.threshold, agreement_floor=floor, refine=False,
+                         progress=progress)
+        times = (onnx_latencies(original, [result.model], held, input_shapes, seed,
+                                select_providers(provider).providers) if latency else None)
+        row = _row(f"{name}+plan", result.report, result.model, times[1][0] if times else None,
+                   times[0] if times else None)
+        rows.append(row)
+    return rows
 
 
 def _row(name: str, report: ConversionReport, model: onnx.ModelProto, latency_ms: float | None,

@@ -57,7 +57,8 @@ class OutputError(NormswapError):
 # ``SPEAKING_CLI`` for its run; every message that names a parameter goes through ``option``.
 SPEAKING_CLI: contextvars.ContextVar[bool] = contextvars.ContextVar("normswap_speaking_cli", default=False)
 _FLAGS = {"calibration": "--calibrate", "input_shapes": "--input-shape", "to": "--to", "validate": "--no-validate",
-          "example_inputs": "--calibrate"}
+          "example_inputs": "--calibrate", "refine": "--no-refine"}
+_SWITCHES = {"validate", "refine"}  # flags without a value: option("refine", False) is --no-refine / refine=False
 
 
 def option(name: str, value: object = None) -> str:
@@ -65,6 +66,6 @@ def option(name: str, value: object = None) -> str:
     value, ``--groups 7`` / ``groups=7``."""
     if SPEAKING_CLI.get():
         flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
-        return flag if value is None else f"{flag} {value}"
-    keyword = "validate=False" if name == "validate" else f"{name}="
-    return keyword if value is None or name == "validate" else f"{name}={value!r}"
+        return flag if value is None or name in _SWITCHES else f"{flag} {value}"
+    keyword = f"{name}=False" if name in _SWITCHES else f"{name}="
+    return keyword if value is None or name in _SWITCHES else f"{name}={value!r}"

@@ -43,6 +43,7 @@ class LayerRecord:
     groups: int | None = None
     calibrated: bool = False
     drift_cosine: float | None = None
+    fit_residual: float | None = None  # calibration: share of the BN output's variance the fit leaves unexplained
 
     def __post_init__(self) -> None:
         assert self.action in ACTIONS, self.action
@@ -147,28 +148,45 @@ class ValidationReport(_Json):
 
 
 @dataclass
-class DistillationReport:
-    """What distillation did: scope, steps run, the step whose state was kept (0: none beat the calibrated
-    parameters, which were kept), held-out samples and the held-out output error before and after."""
+class RefinementReport:
+    """What refinement did: scope, steps run, the step whose state was kept (0: none beat the calibrated
+    parameters, which were kept), held-out samples, the loss and the task agreement on them before and after,
+    why it stopped, and its time against the budget."""
 
     scope: str  # "all": every parameter of the converted network; "norms": the new layers' scale and shift
     steps: int
     best_step: int
     heldout_samples: int  # 0: no slice could be held out (the training data judged the steps)
-    heldout_error_before: float
-    heldout_error_after: float
+    loss: str  # the loss per output kind: "KL", "BCE", "MSE" (see normswap.torch.refine)
+    heldout_loss_before: float
+    heldout_loss_after: float
+    heldout_agreement_before: float | None
+    heldout_agreement_after: float | None
+    agreement_measure: str | None
     seconds: float
     kept: bool
-    learning_rate: str  # Adam's step: a number, or how it scales with each tensor
+    learning_rate: str
+    stopped: str = "time budget"  # "time budget", "step limit", "no held-out improvement"
+    budget_seconds: float = 0.0
 
     def summary(self) -> str:
         where = f"{self.heldout_samples} held-out samples" if self.heldout_samples else "the training data"
+        agreement = ""
+        if self.heldout_agreement_before is not None:
+            agreement = (f", {self.agreement_measure} agreement {self.heldout_agreement_before:.3f} -> "
+                         f"{self.heldout_agreement_after:.3f}")
         if not self.kept:
-            return (f"distillation ({self.scope}, {self.steps} steps) did not lower the output error on {where} "
-                    f"({self.heldout_error_before:.3g}); the calibrated parameters were kept")
-        return (f"distilled {self.scope} parameters for {self.steps} steps in {self.seconds:.1f} s: output mean "
-                f"squared error on {where} {self.heldout_error_before:.3g} -> {self.heldout_error_after:.3g} "
-                f"(best at step {self.best_step})")
+            held = ("" if self.heldout_agreement_before is None else
+                    f", {self.agreement_measure} agreement {self.heldout_agreement_before:.3f}")
+            return (f"refinement ({self.scope}, {self.steps} steps in {self.seconds:.0f} s, stopped by "
+                    f"{self.stopped}) did not beat the calibrated parameters on {where} (loss "
+                    f"{self.heldout_loss_before:.3g}{held}); they were kept")
+        return (f"refined {self.scope} parameters for {self.steps} steps in {self.seconds:.0f} s (stopped by "
+                f"{self.stopped}): on {where} loss {self.heldout_loss_before:.3g} -> {self.heldout_loss_after:.3g}"
+                f"{agreement} (best at step {self.best_step})")
+
+
+DistillationReport = RefinementReport  # the name before 2026-12-01
 
 
 @dataclass
@@ -183,7 +201,7 @@ class CalibrationReport:
     layers_changed: list[str] = field(default_factory=list)
     head: str | None = None
     notes: list[str] = field(default_factory=list)
-    distillation: DistillationReport | None = None
+    refinement: RefinementReport | None = None
     segments: int = 0  # the models were run segment by segment, each node once per sample
     batch_layout: str = ""  # how the data was fed (the model's own batch, or a freed batch dimension)
     memory_budget: int = 0  # bytes of activations kept in memory before spilling to disk
@@ -192,6 +210,38 @@ class CalibrationReport:
     activations: str = ""  # where activations lived: "memory", "memory and disk", "cuda memory", ...
     peak_rss_bytes: int = 0  # the process's peak resident memory when calibration ended
     shared_with: int = 1  # conversions calibrated on the same run of the original (normswap compare)
+
+
+@dataclass
+class PlanReport:
+    """The agreement-floor plan (``onnx.plan``): which BNs normalize and which became frozen affine, the task
+    agreement reached (on the calibration data; a refined candidate on refinement's held-out slice), and every
+    conversion tried on the way."""
+
+    floor: float
+    normalizing: list[str]
+    frozen: list[str]
+    agreement: float  # of the chosen conversion: on the calibration data, or refinement's held-out slice
+    agreement_measure: str | None
+    judged_samples: int
+    full_agreement: float  # every BN replaced (calibrated, and refined when refinement ran)
+    tried: list[dict] = field(default_factory=list)  # {"normalizing": k, "agreement": a, "refined": bool}
+    ranking: str = ""
+    seconds: float = 0.0
+
+    @property
+    def fraction(self) -> float:
+        total = len(self.normalizing) + len(self.frozen)
+        return len(self.normalizing) / total if total else 0.0
+
+    def summary(self) -> str:
+        total = len(self.normalizing) + len(self.frozen)
+        met = "meets" if self.agreement >= self.floor else "does NOT meet"
+        return (f"agreement-floor plan: {len(self.normalizing)} of {total} BN(s) normalize ({self.fraction:.0%}), "
+                f"the other {len(self.frozen)} are frozen affine; {self.agreement_measure or 'agreement'} "
+                f"{self.agreement:.3f} {met} the floor {self.floor:g} (judged on {self.judged_samples} calibration samples) "
+                f"(every BN replaced: {self.full_agreement:.3f}; {len(self.tried)} conversion(s) tried, "
+                f"{self.seconds:.0f} s)")
 
 
 @dataclass
@@ -212,6 +262,7 @@ class ConversionReport(_Json):
     deployable: ValidationReport | None = None  # torch path: the converted module vs its own ONNX export
     frontend: str = "onnx"  # "onnx" (nodes_before/after count graph nodes) or "torch" (they count modules)
     validation_error: str | None = None  # why validation could not run (the conversion is kept; CLI exit 4)
+    plan: PlanReport | None = None  # the agreement-floor plan, when one was asked for
 
     @property
     def passed(self) -> bool | None:
@@ -251,6 +302,7 @@ class ConversionReport(_Json):
             "deployable": None if self.deployable is None else self.deployable.to_dict(),
             "notes": list(self.notes),
             "validation_error": self.validation_error,
+            "plan": None if self.plan is None else {**asdict(self.plan), "fraction": self.plan.fraction},
             "passed": self.passed,
         }
 

@@ -70,7 +70,9 @@ class ReplaceOptions:
     ``groups`` / ``group_size``: the group target (exactly one is used: ``group_size`` when set); ``layer_over``:
     ``all`` normalizes each sample over all non-batch dims, ``channels`` over C at each position;
     ``min_group_elements``: values a group must hold per sample (see ``_math.MIN_GROUP_ELEMENTS``);
-    ``allow_nonfinite``: rewrite a BN whose parameters are not finite (else the conversion is refused, exit 3).
+    ``allow_nonfinite``: rewrite a BN whose parameters are not finite (else the conversion is refused, exit 3);
+    ``only``: the names of the BNs to replace, every other one becoming a frozen per-channel affine (the
+    agreement-floor plan, ``onnx.plan``); None: all of them.
     """
 
     groups: int = DEFAULT_GROUPS
@@ -79,6 +81,7 @@ class ReplaceOptions:
     min_group_elements: int = MIN_GROUP_ELEMENTS
     allow_nonfinite: bool = False  # rewrite BNs with NaN / infinite parameters, NaN epsilon or negative variance
     groups_by_fit: bool = False  # groups="auto": ``groups`` is only the limit calibration chooses under
+    only: frozenset[str] | None = None  # replace only these BNs (by name); the others become frozen affine
 
 TARGET_NAMES: tuple[str, ...] = tuple(t.name for t in TARGETS)
 

@@ -150,7 +150,7 @@ def test_group_with_calibration_and_gates(tmp_path):
     np.savez(tmp_path / "held.npz", x=x[200:])
     r = cli("convert", "digits_resnet.onnx", "--to", "group", "--groups", "auto", "--calibrate", "calib.npz",
             "--inputs", "held.npz", "--min-agreement", "0.97", "--report", "r.json", "--calibration-memory", "1M",
-            cwd=tmp_path)
+            "--refine-seconds", "10", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "calibration: 200 samples, 7 segments, each model run once" in r.stdout and "fidelity" in r.stdout
     assert "activations kept in memory and disk" in r.stdout and "budget 1.0 MiB" in r.stdout
@@ -161,6 +161,9 @@ def test_group_with_calibration_and_gates(tmp_path):
     calibration = report["calibration"]
     assert calibration["segments"] == 7 and calibration["passes"] == 1 and calibration["memory_budget"] == 1 << 20
     assert calibration["spilled_bytes"] > 0 and calibration["batch_layout"] == "batches of 64"
+    refinement = calibration["refinement"]  # on by default, within the budget given
+    assert refinement["budget_seconds"] == 10 and refinement["steps"] > 0 and refinement["heldout_samples"] > 0
+    assert "refine" in r.stdout
     assert (tmp_path / "digits_resnet.group.onnx").exists()
     r = cli("convert", "digits_resnet.onnx", "--to", "instance", "--inputs", "held.npz", "--min-cosine", "0.99",
             cwd=tmp_path)

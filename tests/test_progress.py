@@ -44,10 +44,10 @@ def test_the_api_draws_the_bar_by_default_on_a_terminal(monkeypatch):
     term = _Terminal()
     monkeypatch.setattr("sys.stderr", term)
     x = np.load(FIXTURES / "digits_heldout.npz")["x"][:40]
-    normswap.convert(FIXTURES / "digits_resnet.onnx", to="layer", calibration={"x": x}, validate=False)
+    normswap.convert(FIXTURES / "digits_resnet.onnx", to="layer", calibration={"x": x}, validate=False, refine=False)
     assert "samples/s" in term.getvalue()
     quiet = _Terminal()
     monkeypatch.setattr("sys.stderr", quiet)
     normswap.convert(FIXTURES / "digits_resnet.onnx", to="layer", calibration={"x": x}, validate=False,
-                     progress=False)
+                     progress=False, refine=False)
     assert quiet.getvalue() == ""

@@ -178,7 +178,7 @@ def test_calibration_data_that_is_all_nan_is_invalid_input():
     x = np.full((8, 1, 8, 8), np.nan, np.float32)
     with pytest.raises(InvalidModelError, match="NaN"):
         normswap.convert(Path(__file__).parent.parent / "fixtures" / "digits_resnet.onnx", to="layer",
-                         calibration={"x": x}, validate=False)
+                         calibration={"x": x}, validate=False, refine=False)
 
 
 def test_a_reference_output_with_nan_or_no_values_never_passes():
@@ -285,13 +285,14 @@ def test_inputs_are_checked_before_any_work(monkeypatch):
              ({"x": x[:, :3]}, "has 3 at axis 1 but the model fixes it to 4")]
     for inputs, message in cases:
         with pytest.raises(UsageError, match=message):
-            normswap.convert(m, to="group", groups=2, calibration={"x": x}, inputs=inputs)
+            normswap.convert(m, to="group", groups=2, calibration={"x": x}, inputs=inputs, refine=False)
     with pytest.raises(UsageError, match="unknown input"):
-        normswap.convert(m, to="group", groups=2, calibration={"x": x}, input_shapes={"y": (2, 4, 5, 5)})
+        normswap.convert(m, to="group", groups=2, calibration={"x": x}, input_shapes={"y": (2, 4, 5, 5)}, refine=False)
     with pytest.raises(UsageError, match="min_cosine=0.9 gate"):
         normswap.convert(m, to="fold", min_cosine=0.9)
     monkeypatch.undo()
-    assert normswap.convert(m, to="group", groups=2, calibration={"x": x}, inputs={"x": x}).report.calibration
+    assert normswap.convert(m, to="group", groups=2, calibration={"x": x}, inputs={"x": x},
+                            refine=False).report.calibration
 
 
 def test_arrays_with_different_sample_counts_are_refused():
@@ -325,11 +326,12 @@ def test_a_probability_map_whose_outputs_vary_carries_no_caution_and_a_constant_
 def test_with_calibration_data_and_no_inputs_validation_runs_on_a_held_aside_slice():
     x = np.load(Path(__file__).parent.parent / "fixtures" / "digits_heldout.npz")["x"][:40]
     model = str(Path(__file__).parent.parent / "fixtures" / "digits_resnet.onnx")
-    group = normswap.convert(model, to="layer", calibration={"x": x}, progress=False).report
+    group = normswap.convert(model, to="layer", calibration={"x": x}, progress=False, refine=False).report
     assert group.calibration.samples == 34 and group.validation.outputs[0].shape[0] == 6
     assert group.validation.inputs.startswith("6 sample(s) held aside from the calibration= data")
-    fold = normswap.convert(model, to="fold", calibration={"x": x}, progress=False).report
+    fold = normswap.convert(model, to="fold", calibration={"x": x}, progress=False, refine=False).report
     assert fold.validation.outputs[0].shape[0] == 40 and "nothing is fitted" in fold.validation.inputs
     assert any("served as the validation inputs" in n for n in fold.notes)
-    with_inputs = normswap.convert(model, to="layer", calibration={"x": x}, inputs={"x": x[:8]}, progress=False)
+    with_inputs = normswap.convert(model, to="layer", calibration={"x": x}, inputs={"x": x[:8]}, progress=False,
+                                   refine=False)
     assert with_inputs.report.calibration.samples == 40 and with_inputs.report.validation.inputs == "given arrays"

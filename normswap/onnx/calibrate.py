@@ -329,7 +329,9 @@ def _run(ref_model: onnx.ModelProto, cands: list[_Candidate], plans: list, layou
             c.runner.release(s, len(batches))
             for t in here[c.tag]:
                 n = t.norm
-                chosen, a, shift, sse = solve_candidates(t.fits())
+                fits = t.fits()
+                chosen, a, shift, sse = solve_candidates(fits)
+                n.record.fit_residual = fits[chosen].unexplained(fits[chosen].solve()[2])
                 if chosen != n.groups:
                     _apply_groups(c.job.converted.graph, c.inits, n, chosen, sse)
                 overwrite_initializer(c.inits[n.scale], a)

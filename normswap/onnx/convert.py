@@ -136,6 +136,11 @@ class _SiteConverter:
             return self._affine(site, why_not)
         if self.target == "affine":
             return self._affine(site, None)
+        if self.options.only is not None and site.name not in self.options.only:
+            match = AFFINE_RULE.match(site)
+            if not isinstance(match, Skip):
+                return self._apply(AFFINE_RULE, site, match, "affine", "frozen affine by the agreement-floor plan "
+                                   f"(its {self.target} norm would cost agreement)")
         rule = {"group": GROUP_RULE, "instance": INSTANCE_RULE}.get(self.target) or (
             LAYER_CHANNELS_RULE if self.options.layer_over == "channels" else LAYER_RULE)
         match = rule.match(site)

@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..validate.agreement import TaskMeasure
+from ..options import CalibrationOptions, RefinementOptions, ValidationOptions
 from ..errors import option
 from ..errors import OutputError, UnsupportedError, UsageError, ValidationFailedError
 from ..report import ConversionReport
 from ..targets import REPLACEMENT_TARGETS, ReplaceOptions, auto_groups_note, get_target
 from .calibrate import calibrate, module_device
-from .distill import distill
+from .refine import refine
 from .convert import convert_module
 from .data import Batches, as_args, positional_arity
 from .sites import coupling_report
@@ -77,21 +77,17 @@ class TorchConversionResult:
 
 
 def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibration, example_inputs,
-                  refit_output_layer: bool, choose_groups: bool, calibration_batch_size: int,
-                  calibration_memory: int, distill_steps: int, distill_scope: str, distill_holdout: float,
-                  keep_unfoldable: bool, validate: bool, provider: str, inputs, atol: float | None, rtol: float | None,
-                  min_cosine: float | None, min_agreement: float | None, task: TaskMeasure,
-                  progress: Callable[[int, int, str], None] | None) -> TorchConversionResult:
+                  keep_unfoldable: bool, validate: bool, calibrating: CalibrationOptions, refining: RefinementOptions,
+                  validating: ValidationOptions, progress: Callable[[int, int, str], None] | None
+                  ) -> TorchConversionResult:
     target = get_target(to)
     arity = positional_arity(module)
     device = module_device(module)
-    data = Batches(calibration, arity, calibration_batch_size, device) if calibration is not None else None
+    data = Batches(calibration, arity, calibrating.batch_size, device) if calibration is not None else None
     example = as_args(example_inputs) if example_inputs is not None else (data.first() if data else None)
-    if distill_steps and (to not in REPLACEMENT_TARGETS or data is None):
-        raise UsageError("distill_steps needs a replacement target (group / layer / instance) and calibration data")
     converted, converter, flow, _ = convert_module(module, to, options, keep_unfoldable, example)
     notes = [flow.problem] if flow.problem else []
-    if choose_groups and data is None and to == "group":
+    if options.groups_by_fit and data is None and to == "group":
         notes.append(auto_groups_note(options.groups))
     report = ConversionReport(to, target.exact, type(module).__name__, converter.records,
                               sum(1 for _ in module.modules()), sum(1 for _ in converted.modules()), notes=notes,
@@ -99,18 +95,17 @@ def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibr
     if to in REPLACEMENT_TARGETS and converter.new_layers:
         if data is not None:
             report.calibration = calibrate(module, converted, converter.new_layers, data,
-                                           head=flow.head if refit_output_layer else None,
-                                           choose_groups=choose_groups, memory_budget=calibration_memory,
+                                           head=flow.head if calibrating.refit_output_layer else None,
+                                           choose_groups=options.groups_by_fit, memory_budget=calibrating.memory,
                                            progress=progress)
             notes.extend(report.calibration.notes)
-            if distill_steps:
+            if refining.enabled:
                 norm_params = [p for layer in converter.new_layers for p in layer.module.parameters()]
-                result = distill(module, converted, norm_params, data, distill_steps, scope=distill_scope,
-                                 holdout=distill_holdout, progress=progress)
-                report.calibration.distillation = result
+                result = refine(module, converted, norm_params, data, refining, validating.task, progress)
+                report.calibration.refinement = result
                 notes.append(result.summary())
                 changed = set(report.calibration.layers_changed)
-                if result.kept and distill_scope == "all":
+                if result.kept and refining.scope == "all":
                     changed |= {n for n, m in converted.named_modules() if next(m.parameters(False), None) is not None}
                 report.calibration.layers_changed = sorted(changed)
         else:
@@ -123,6 +118,7 @@ def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibr
         notes.append("nothing to convert: the module has no BatchNorm layer (it was not validated)")
     elif validate:
         from .validate import validate_modules
+        inputs = validating.inputs
         held = as_args(inputs) if inputs is not None else example
         if held is None:
             raise UsageError("validation needs example inputs (example_inputs=, inputs= or calibration=); "
@@ -131,13 +127,14 @@ def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibr
         layer_drift(module, converted, converter.new_layers, held)
         try:
             report.validation, report.deployable = validate_modules(
-                module, converted, held, exact=target.exact, provider=provider, atol=atol, rtol=rtol,
-                min_cosine=min_cosine, min_agreement=min_agreement, task=task,
+                module, converted, held, exact=target.exact, provider=validating.provider, atol=validating.atol,
+                rtol=validating.rtol, min_cosine=validating.min_cosine, min_agreement=validating.min_agreement,
+                task=validating.task,
                 source="given inputs" if inputs is not None else "example inputs")
         except UnsupportedError as e:  # the conversion stands; only its check could not run
             report.validation_error = f"validation could not run: {e}"
             notes.append(report.validation_error)
-        if not target.exact and inputs is None:
+        if not target.exact and validating.inputs is None:
             notes.append("fidelity was measured on the example / calibration inputs; pass held-out inputs "
                          "(inputs=) for an unbiased measure")
     if converter.new_layers:

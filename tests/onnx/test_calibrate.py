@@ -48,7 +48,8 @@ def _assert_same_weights(a: onnx.ModelProto, b: onnx.ModelProto, rtol=1e-4, atol
 def test_calibration_recovers_the_function(digits, target, options, floor):
     calib, held = digits
     plain = normswap.convert(MODEL, to=target, inputs=held, **options)
-    fitted = normswap.convert(MODEL, to=target, inputs=held, calibration=calib, min_agreement=floor, **options)
+    fitted = normswap.convert(MODEL, to=target, inputs=held, calibration=calib, min_agreement=floor, **options,
+                              refine=False)
     assert _agreement(plain) < 0.6  # copying gamma/beta forgets (Opacus-style)
     assert _agreement(fitted) >= floor
     assert fitted.report.function_preserved and fitted.report.calibration.samples == 200
@@ -60,7 +61,7 @@ def test_calibration_recovers_the_function(digits, target, options, floor):
 
 def test_norms_only_scope_leaves_the_output_layer(digits):
     calib, held = digits
-    r = normswap.convert(MODEL, to="layer", inputs=held, calibration=calib, refit_output_layer=False)
+    r = normswap.convert(MODEL, to="layer", inputs=held, calibration=calib, refit_output_layer=False, refine=False)
     assert r.report.calibration.head is None and r.report.calibration.scope == "norms"
     head = {t.name: t for t in onnx.load(str(MODEL)).graph.initializer}
     after = {t.name: t for t in r.model.graph.initializer}
@@ -70,8 +71,8 @@ def test_norms_only_scope_leaves_the_output_layer(digits):
 
 def test_asked_groups_are_honoured_and_auto_chooses_by_fit(digits):
     calib, held = digits
-    by_fit = normswap.convert(MODEL, to="group", groups="auto", calibration=calib, inputs=held)
-    fixed = normswap.convert(MODEL, to="group", groups=32, calibration=calib, inputs=held)
+    by_fit = normswap.convert(MODEL, to="group", groups="auto", calibration=calib, inputs=held, refine=False)
+    fixed = normswap.convert(MODEL, to="group", groups=32, calibration=calib, inputs=held, refine=False)
     assert [layer.groups for layer in fixed.report.layers] == [16, 16, 16, 24, 24, 24]  # largest divisor <= 32
     assert any(a.groups != b.groups for a, b in zip(by_fit.report.layers, fixed.report.layers))
     assert "chose" in by_fit.report.layers[-1].reason
@@ -79,8 +80,9 @@ def test_asked_groups_are_honoured_and_auto_chooses_by_fit(digits):
 
 def test_batch_size_does_not_change_the_fit(digits):
     calib, held = digits
-    a = normswap.convert(MODEL, to="layer", calibration=calib, calibration_batch_size=7, validate=False)
-    b = normswap.convert(MODEL, to="layer", calibration=calib, calibration_batch_size=1000, validate=False)
+    a = normswap.convert(MODEL, to="layer", calibration=calib, calibration_batch_size=7, validate=False, refine=False)
+    b = normswap.convert(MODEL, to="layer", calibration=calib, calibration_batch_size=1000, validate=False,
+                         refine=False)
     _assert_same_weights(a.model, b.model)
 
 
@@ -136,8 +138,8 @@ def test_every_node_runs_in_exactly_one_segment(digits):
 
 def test_activations_spill_to_disk_beyond_the_memory_budget(digits):
     calib, _ = digits
-    kept = normswap.convert(MODEL, to="group", calibration=calib, validate=False)
-    spilled = normswap.convert(MODEL, to="group", calibration=calib, validate=False, calibration_memory=0)
+    kept = normswap.convert(MODEL, to="group", calibration=calib, validate=False, refine=False)
+    spilled = normswap.convert(MODEL, to="group", calibration=calib, validate=False, calibration_memory=0, refine=False)
     a, b = kept.report.calibration, spilled.report.calibration
     assert a.activations == "memory" and a.spilled_bytes == 0 and a.peak_activation_bytes > 0
     assert b.activations == "memory and disk" and b.spilled_bytes > 0 and b.peak_activation_bytes == 0
@@ -148,7 +150,7 @@ def test_activations_spill_to_disk_beyond_the_memory_budget(digits):
 def test_calibration_reports_progress(digits):
     calls = []
     normswap.convert(MODEL, to="layer", calibration=digits[0], validate=False,
-                     progress=lambda done, total, label: calls.append((done, total, label)))
+                     progress=lambda done, total, label: calls.append((done, total, label)), refine=False)
     assert calls and calls[-1][0] == calls[-1][1] and [c[0] for c in calls] == sorted(c[0] for c in calls)
     assert "samples/s" in calls[0][2] and "segment 1/" in calls[0][2]
 
@@ -156,7 +158,7 @@ def test_calibration_reports_progress(digits):
 def test_mismatched_calibration_data_is_a_usage_error(tmp_path):
     np.savez(tmp_path / "c.npz", y=np.zeros((3, 1, 8, 8), np.float32))
     with pytest.raises(normswap.UsageError, match="no array for input"):
-        normswap.convert(MODEL, to="layer", calibration=tmp_path / "c.npz")
+        normswap.convert(MODEL, to="layer", calibration=tmp_path / "c.npz", refine=False)
 
 
 def test_parallel_branches_share_a_segment():
@@ -209,9 +211,9 @@ def _images(count: int) -> dict[str, np.ndarray]:
 
 def test_a_fixed_batch_model_calibrates_and_validates_with_any_sample_count():
     fixed = normswap.convert(_fixed_batch_net(1), to="group", groups=4, calibration=_images(37),
-                             inputs=_images(23))
+                             inputs=_images(23), refine=False)
     free = normswap.convert(_fixed_batch_net("N"), to="group", groups=4, calibration=_images(37),
-                            inputs=_images(23))
+                            inputs=_images(23), refine=False)
     note = fixed.report.calibration.batch_layout
     assert "fixes its batch to 1" in note and "free it" in note
     assert fixed.report.validation is not None and fixed.report.validation.outputs[0].top1_agreement > 0.5
@@ -224,11 +226,11 @@ def test_a_fixed_batch_model_calibrates_and_validates_with_any_sample_count():
 
 def test_a_batch_that_cannot_be_freed_is_fed_at_the_models_own_size():
     net = _fixed_batch_net(2, slice_first=True)
-    result = normswap.convert(net, to="group", groups=4, calibration=_images(5), inputs=_images(3))
+    result = normswap.convert(net, to="group", groups=4, calibration=_images(5), inputs=_images(3), refine=False)
     note = result.report.calibration.batch_layout
     assert "fed 2 sample(s) per run" in note and "changes its results" in note
     reference = normswap.convert(net, to="group", groups=4, calibration=_images(5), inputs=_images(3),
-                                 calibration_batch_size=2)
+                                 calibration_batch_size=2, refine=False)
     _assert_same_weights(result.model, reference.model)
     assert result.report.validation.outputs[0].name == "logits"
 
@@ -277,7 +279,8 @@ def test_an_ir3_model_listing_initializers_as_inputs_calibrates_when_g_changes(d
     m = onnx.load(str(MODEL))
     m.ir_version = 3  # initializers must also be inputs, with their shapes
     m.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in m.graph.initializer)
-    result = normswap.convert(m, to="group", groups="auto", calibration=calib, inputs=held, progress=False)
+    result = normswap.convert(m, to="group", groups="auto", calibration=calib, inputs=held, progress=False,
+                              refine=False)
     assert [layer.groups for layer in result.report.layers][0] != 16  # the fit changed G: shapes were updated
     assert result.report.validation.outputs[0].top1_agreement >= 0.97
     declared = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in result.model.graph.input}
@@ -295,7 +298,7 @@ def test_a_caffe2_light_model_with_initializers_among_its_inputs_calibrates():
     m = onnx.load(str(light))
     name = normswap_inputs(m)[0]
     data = {name: np.random.default_rng(0).standard_normal((4, 3, 224, 224)).astype(np.float32)}
-    r = normswap.convert(m, to="group", groups="auto", calibration=data, inputs=data, progress=False)
+    r = normswap.convert(m, to="group", groups="auto", calibration=data, inputs=data, progress=False, refine=False)
     assert r.report.count("converted") == 49 and r.report.calibration.segments > 1
     assert r.report.validation.outputs[0].cosine > 0.99
 
@@ -307,11 +310,12 @@ def normswap_inputs(m):
 
 def test_function_preserved_is_decided_by_a_gate_and_unknown_without_one(digits):
     calib, held = digits
-    measured = normswap.convert(MODEL, to="group", groups=32, calibration=calib, inputs=held, progress=False)
+    measured = normswap.convert(MODEL, to="group", groups=32, calibration=calib, inputs=held, progress=False,
+                                refine=False)
     assert measured.report.function_preserved is None and measured.report.passed is None
     failed = normswap.convert(MODEL, to="group", groups=32, calibration=calib, inputs=held, min_agreement=0.99,
-                              progress=False)
+                              progress=False, refine=False)
     assert failed.report.function_preserved is False and failed.report.passed is False
     kept = normswap.convert(MODEL, to="group", groups="auto", calibration=calib, inputs=held, min_agreement=0.9,
-                            progress=False)
+                            progress=False, refine=False)
     assert kept.report.function_preserved is True and kept.report.passed is True

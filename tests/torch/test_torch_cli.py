@@ -52,7 +52,7 @@ def cli(*args, cwd):
 def test_convert_torch_module_to_group_with_export(workdir):
     r = cli("convert", "--torch-model", "factory_net:build", "--weights", "w.safetensors", "--to", "group",
             "--calibrate", "calib.npz", "--inputs", "held.npz", "--export-onnx", "g.onnx", "--report", "r.json",
-            cwd=workdir)
+            "--refine-seconds", "5", cwd=workdir)
     assert r.returncode == 0, r.stderr
     assert (workdir / "w.group.safetensors").exists() and (workdir / "g.onnx").exists()
     report = json.loads((workdir / "r.json").read_text())

@@ -56,7 +56,7 @@ def test_fold_pairs_by_dataflow(name):
 def test_replacement_targets_keep_channels_eps_and_mode(name, target):
     net, x = _net(name), _x(name)
     net.train()
-    r = normswap.convert(net, to=target, calibration=x, validate=False)
+    r = normswap.convert(net, to=target, calibration=x, validate=False, refine=False)
     assert _no_bn_left(r.model) and r.model.training
     for layer in r.report.layers:
         assert layer.action in ("converted", "affine")
@@ -72,7 +72,7 @@ def test_replacement_targets_keep_channels_eps_and_mode(name, target):
 def test_layer_over_channels_is_channel_layer_norm():
     from normswap.torch.modules import ChannelLayerNorm
     net, x = _net("resnet"), _x("resnet")
-    r = normswap.convert(net, to="layer", layer_over="channels", calibration=x, validate=False)
+    r = normswap.convert(net, to="layer", layer_over="channels", calibration=x, validate=False, refine=False)
     convs = [layer for layer in r.report.layers if layer.action == "converted"]
     assert convs and all(isinstance(r.model.get_submodule(layer.name), ChannelLayerNorm) for layer in convs)
 
@@ -86,7 +86,7 @@ def test_weight_target_uses_torch_weight_norm():
 
 def test_group_rules_match_the_onnx_path():
     net = nn.Sequential(nn.Linear(4, 64), nn.BatchNorm1d(64), nn.Linear(64, 8), nn.BatchNorm1d(8)).eval()
-    r = normswap.convert(net, to="group", groups=32, calibration=torch.randn(8, 4), validate=False)
+    r = normswap.convert(net, to="group", groups=32, calibration=torch.randn(8, 4), validate=False, refine=False)
     first, second = r.report.layers
     # (N, 64): 32 groups of 2 values would normalize to a constant (opacus#567): fewer, larger groups
     assert first.action == "converted" and (64 // first.groups) >= 16
@@ -95,7 +95,7 @@ def test_group_rules_match_the_onnx_path():
 
 def test_conversion_fidelity_is_validated_in_onnx_runtime():
     net, x = _net("resnet"), _x("resnet", 64)
-    r = normswap.convert(net, to="group", calibration=x, inputs=_x("resnet", 32, seed=5))
+    r = normswap.convert(net, to="group", calibration=x, inputs=_x("resnet", 32, seed=5), refine=False)
     v = r.report.validation
     assert v.check == "fidelity" and v.providers and v.outputs[0].cosine > 0.99
     assert r.report.deployable.check == "exact" and r.report.deployable.passed

@@ -75,7 +75,7 @@ def test_frozen_parameters_and_frozen_batchnorm_module_fold():
 def test_bn_act_subclass_keeps_its_activation():
     net = _conv_bn(BatchNormAct2d(8))
     for target in ("fold", "affine", "group"):
-        r = normswap.convert(net, to=target, calibration=X, validate=False)
+        r = normswap.convert(net, to=target, calibration=X, validate=False, refine=False)
         assert r.report.layers[0].action in ("folded", "affine", "converted")
         if target != "group":
             _same(net, r.model, X)
@@ -97,7 +97,7 @@ def test_bn_without_running_stats_has_nothing_to_fold():
     net = _conv_bn(nn.BatchNorm2d(8, track_running_stats=False))
     r = normswap.convert(net, to="fold", example_inputs=X, validate=False)
     assert r.report.layers[0].action == "kept" and "no trained statistics" in r.report.layers[0].reason
-    g = normswap.convert(net, to="group", calibration=X, validate=False)
+    g = normswap.convert(net, to="group", calibration=X, validate=False, refine=False)
     assert g.report.layers[0].action == "converted" and g.report.calibration is not None
 
 
@@ -173,7 +173,7 @@ def test_converted_mlp_trains_at_batch_size_one_where_bn_cannot():
     net.train()
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         net(x1)
-    r = normswap.convert(net, to="group", groups=4, calibration=torch.randn(64, 10), validate=False)
+    r = normswap.convert(net, to="group", groups=4, calibration=torch.randn(64, 10), validate=False, refine=False)
     model = r.model.train()
     norm = model.get_submodule("1")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -189,13 +189,13 @@ def test_calibration_data_forms():
     net = _conv_bn(nn.BatchNorm2d(8))
     data = torch.utils.data.TensorDataset(torch.randn(32, 3, 6, 6), torch.zeros(32))  # labels are dropped
     loader = torch.utils.data.DataLoader(data, batch_size=8)
-    r = normswap.convert(net, to="layer", calibration=loader, validate=False)
+    r = normswap.convert(net, to="layer", calibration=loader, validate=False, refine=False)
     assert r.report.calibration.samples == 32 and r.report.layers[0].calibrated
     gen = (torch.randn(8, 3, 6, 6) for _ in range(3))
-    g = normswap.convert(net, to="layer", calibration=gen, validate=False)
+    g = normswap.convert(net, to="layer", calibration=gen, validate=False, refine=False)
     assert g.report.calibration.samples == 24 and any("read only once" in n for n in g.report.notes)
     with pytest.raises(normswap.UsageError):
-        normswap.convert(net, to="layer", calibration="not data", validate=False)
+        normswap.convert(net, to="layer", calibration="not data", validate=False, refine=False)
     with pytest.raises(normswap.UsageError, match="example_inputs= or calibration="):
         normswap.convert(net, to="group", validate=False)
 
@@ -230,8 +230,8 @@ def test_ambiguous_channel_strides_are_normalized_before_distillation():
     assert standard_layout(y) is y
     net = randomize_bn(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                                      nn.Conv2d(8, 4, 3, padding=1), nn.BatchNorm2d(4)))
-    r = normswap.convert(net, to="layer", calibration=x, distill_steps=3, validate=False)
-    assert any("distill" in n for n in r.report.notes)
+    r = normswap.convert(net, to="layer", calibration=x, refine_steps=3, validate=False)
+    assert any("refine" in n for n in r.report.notes)
 
 
 def _half_conv_bn(scale: float, weight: float) -> nn.Module:
@@ -278,11 +278,12 @@ def test_torch_nonfinite_bn_statistics_are_refused_unless_allowed():
 
 def test_torch_asked_groups_are_honoured_with_calibration_and_auto_may_choose_others():
     data = torch.randn(32, 3, 6, 6)
-    asked = normswap.convert(_conv_bn(nn.BatchNorm2d(8)), to="group", groups=4, calibration=data, validate=False)
+    asked = normswap.convert(_conv_bn(nn.BatchNorm2d(8)), to="group", groups=4, calibration=data, validate=False,
+                             refine=False)
     assert [layer.groups for layer in asked.report.layers] == [4]
     assert asked.model[1].num_groups == 4 and asked.report.layers[0].calibrated
     auto = normswap.convert(_conv_bn(nn.BatchNorm2d(8)), to="group", groups="auto", calibration=data,
-                            validate=False)
+                            validate=False, refine=False)
     assert auto.report.layers[0].groups in (1, 2, 4, 8) and "chose" in auto.report.layers[0].reason
     no_data = normswap.convert(_conv_bn(nn.BatchNorm2d(8)), to="group", groups="auto", example_inputs=X,
                                validate=False)

@@ -1,0 +1,123 @@
+"""The agreement-floor plan (normswap/onnx/plan.py): as many BNs normalize as keep the task agreement at the floor,
+the rest become frozen affine; measured on samples held aside from the calibration data."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import normswap
+from normswap.errors import UnsupportedError, UsageError
+from normswap.onnx.convert import convert_in_place
+from normswap.targets import ReplaceOptions
+from tests.builders import conv_bn
+
+FIXTURES = Path(__file__).parent.parent.parent / "fixtures"
+MODEL = str(FIXTURES / "digits_resnet.onnx")
+X = np.load(FIXTURES / "digits_heldout.npz")["x"]
+
+
+def _plan(to, floor, **kw):
+    return normswap.convert(MODEL, to=to, calibration={"x": X[:280]}, inputs={"x": X[280:]}, agreement_floor=floor,
+                            refine=False, progress=False, **kw)
+
+
+def test_where_the_full_swap_misses_the_floor_the_plan_meets_it_and_normalizes_some_layers():
+    full = normswap.convert(MODEL, to="instance", calibration={"x": X[:280]}, inputs={"x": X[280:]}, refine=False,
+                            progress=False)
+    assert full.report.validation.agreement < 0.8  # InstanceNorm everywhere loses the task
+    result = _plan("instance", 0.9)
+    plan = result.report.plan
+    assert plan.agreement >= 0.9 > plan.full_agreement and plan.judged_samples == 280
+    assert 0 < len(plan.normalizing) < 6 and len(plan.normalizing) + len(plan.frozen) == 6
+    actions = {layer.name: layer.action for layer in result.report.layers}
+    assert {actions[n] for n in plan.normalizing} == {"converted"} and {actions[n] for n in plan.frozen} == {"affine"}
+    assert result.report.validation.agreement >= 0.9  # on the 80 validation samples too
+    assert result.report.validation.agreement > full.report.validation.agreement
+    ops = {n.op_type for n in result.model.graph.node}
+    assert "InstanceNormalization" in ops and "BatchNormalization" not in ops
+    assert plan.tried[0]["normalizing"] == 6 and len(plan.tried) >= 3
+    d = result.report.to_dict()["plan"]
+    assert d["fraction"] == pytest.approx(len(plan.normalizing) / 6) and d["floor"] == 0.9
+    assert any(n.startswith("agreement-floor plan:") for n in result.report.notes)
+
+
+def test_where_the_full_swap_meets_the_floor_every_layer_normalizes():
+    plan = _plan("layer", 0.9).report.plan
+    assert plan.frozen == [] and len(plan.normalizing) == 6 and plan.fraction == 1.0
+    assert len(plan.tried) == 1 and plan.agreement == plan.full_agreement >= 0.9
+
+
+def test_the_most_harmless_layers_by_calibrated_fit_normalize_first():
+    result = _plan("instance", 0.9)
+    residual = {layer.name: layer.fit_residual for layer in
+                normswap.convert(MODEL, to="instance", calibration={"x": X[:238]}, refine=False, validate=False,
+                                 progress=False).report.layers}
+    assert all(0 <= r <= 1 for r in residual.values())
+    kept = max(residual[n] for n in result.report.plan.normalizing)
+    assert all(residual[n] >= kept for n in result.report.plan.frozen)
+
+
+def test_replacing_only_some_bns_freezes_the_others_as_exact_affines():
+    m = onnx.load(MODEL)
+    names = [n.name for n in m.graph.node if n.op_type == "BatchNormalization"]
+    conversion = convert_in_place(m, "group", options=ReplaceOptions(groups=4, only=frozenset(names[:2])))
+    actions = [r.action for r in conversion.records]
+    assert actions == ["converted"] * 2 + ["affine"] * 4
+    assert all("agreement-floor plan" in r.reason for r in conversion.records[2:])
+    everything = convert_in_place(onnx.load(MODEL), "group", options=ReplaceOptions(groups=4))
+    assert [r.action for r in everything.records] == ["converted"] * 6
+
+
+def test_the_floor_needs_a_replacement_target_calibration_data_and_a_measure():
+    with pytest.raises(UsageError, match="agreement_floor= needs a replacement target"):
+        normswap.convert(MODEL, to="fold", agreement_floor=0.9)
+    with pytest.raises(UsageError, match="calibration"):
+        normswap.convert(MODEL, to="group", agreement_floor=0.9)
+    with pytest.raises(UsageError, match=r"must lie in \(0, 1\]"):
+        normswap.convert(MODEL, to="group", agreement_floor=1.5, calibration={"x": X[:50]})
+    m = conv_bn(np.random.default_rng(0))  # a (N, C, H, W) feature map of C > 1 is per-pixel argmax; make it 1-D
+    scalar = {"x": np.random.default_rng(1).standard_normal((40, *[d.dim_value for d in
+              m.graph.input[0].type.tensor_type.shape.dim[1:]]), dtype=np.float32)}
+    flat = onnx.helper.make_node("ReduceMean", [m.graph.output[0].name], ["pooled"], keepdims=0)
+    m.graph.node.append(flat)
+    del m.graph.output[:]
+    m.graph.output.append(onnx.helper.make_tensor_value_info("pooled", onnx.TensorProto.FLOAT, None))
+    with pytest.raises(UsageError, match="needs a task agreement"):
+        normswap.convert(m, to="layer", calibration=scalar, agreement_floor=0.9, refine=False, progress=False)
+
+
+def test_torch_modules_are_told_to_export_first():
+    torch = pytest.importorskip("torch")
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    with pytest.raises(UnsupportedError, match="export the module to ONNX"):
+        normswap.convert(net, to="layer", calibration=torch.randn(8, 1, 6, 6), agreement_floor=0.9)
+
+
+def test_the_cli_plans_and_reports_it(tmp_path):
+    np.savez(tmp_path / "calib.npz", x=X[:280])
+    np.savez(tmp_path / "held.npz", x=X[280:])
+    r = subprocess.run([sys.executable, "-m", "normswap", "convert", MODEL, "--to", "instance", "--calibrate",
+                        tmp_path / "calib.npz", "--inputs", tmp_path / "held.npz", "--agreement-floor", "0.9",
+                        "--no-refine", "-o", tmp_path / "p.onnx", "--report", tmp_path / "r.json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "agreement-floor plan:" in r.stdout and "frozen affine by the agreement-floor plan" in r.stdout
+    plan = json.loads((tmp_path / "r.json").read_text())["plan"]
+    assert plan["agreement"] >= 0.9 and 0 < plan["fraction"] < 1
+
+
+def test_compare_shows_the_plan_as_a_row():
+    report = normswap.compare(MODEL, ["fold", "instance"], calibration={"x": X[:280]}, inputs={"x": X[280:]},
+                              agreement_floor=0.9, latency=False)
+    rows = {r.target: r for r in report.rows}
+    assert set(rows) == {"fold", "instance", "instance+plan"}
+    plan = rows["instance+plan"]
+    assert plan.agreement >= 0.9 > rows["instance"].agreement and plan.batch_independent
+    assert plan.report.plan is not None and 0 < plan.report.plan.fraction < 1
+    assert report.recommended == "instance+plan"  # the batch-independent row that keeps the task
+    with pytest.raises(UsageError, match="agreement_floor= in compare"):
+        normswap.compare(MODEL, ["fold"], calibration={"x": X[:50]}, agreement_floor=0.9)
