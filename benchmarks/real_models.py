@@ -262,7 +262,7 @@ def fidelity_measure(keys: list[str], only_rows: str | None = None) -> None:
         stored = {r["row"]: r for r in results.get(key, {}).get("rows", [])}
         rows = []
         for label, to, options, mode in FIDELITY_ROWS:
-            if only_rows and only_rows not in label and label in stored:
+            if only_rows and not any(part in label for part in only_rows.split(",")) and label in stored:
                 rows.append(stored[label])
                 continue
             kw = dict(options, inputs=held, task_metric=metric, progress=False)
@@ -347,7 +347,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(m.key for m in MODELS),
                         help="fidelity: the models to (re)measure; the others keep their stored rows")
     parser.add_argument("--render-only", action="store_true", help="fidelity: only rewrite the section")
-    parser.add_argument("--rows", default=None, help="fidelity: re-measure only the rows whose label contains this")
+    parser.add_argument("--rows", default=None, help="fidelity: re-measure only the rows whose label contains one of these (comma-separated)")
     args = parser.parse_args()
     if args.section == "fidelity":  # long: measured model by model, the section replaced in place
         if not args.render_only:
