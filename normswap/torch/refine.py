@@ -27,7 +27,9 @@ agreement is not below the calibrated state's is kept, provided its loss beats t
 than ``SIGNIFICANCE`` standard errors of the per-sample difference (a lower loss alone is not enough: a
 detector's output error can fall while its detections get worse, and on a few dozen samples it falls by chance);
 when no step beats the calibrated parameters they are restored.
-Training stops early when the kept state has not changed for ``PATIENCE`` measurements in a row.
+Training stops early when the kept state has not changed for ``PATIENCE`` measurements in a row, counted only
+once ``MIN_STEPS_BEFORE_STOP`` steps have passed since the last improvement (on the recognizer a measurement
+came every 3 steps, and the early stop ended runs at 17 steps, half their budget).
 """
 from __future__ import annotations
 
@@ -52,6 +54,8 @@ PATIENCE = 4  # measurements without improvement before training stops
 PROBABILITY_SLACK = 1e-3  # |sum - 1| below which an axis holds probabilities
 PROBE_RATES = (3e-3, 1e-3, 3e-4, 1e-4)
 PROBE_STEPS = 6
+MIN_STEPS_BEFORE_STOP = 50  # the early stop waits for this many steps after the last improvement (slow models)
+TARGET_CACHE_BYTES = 1 << 30
 SIGNIFICANCE = 2.0  # standard errors by which a kept state's held-out loss must beat the calibrated state's
 
 
@@ -88,8 +92,30 @@ class _Shuffled:
         order = self.index[torch.randperm(len(self.index), generator=self.generator)]
         whole = len(order) - len(order) % self.batch_size if len(order) >= self.batch_size else len(order)
         for k in range(0, whole, self.batch_size):  # a partial last batch is left for the next epoch's order
-            rows = order[k:k + self.batch_size]
-            yield tuple(standard_layout(t[rows].to(self.data.device)) for t in self.data.tensors)
+            self.rows = order[k:k + self.batch_size]  # the samples of the batch being yielded
+            yield tuple(standard_layout(t[self.rows].to(self.data.device)) for t in self.data.tensors)
+
+
+class _Targets:
+    """The original's outputs for training batches: with tensor data kept per sample (up to ``TARGET_CACHE_BYTES``),
+    so the original runs once per sample, not once per step (a quarter of a step's time, on the recognizer)."""
+
+    def __init__(self, original: nn.Module, train) -> None:
+        self.original, self.train, self.cache, self.bytes = original, train, {}, 0
+
+    def __call__(self, batch) -> list[torch.Tensor]:
+        rows = [int(r) for r in getattr(self.train, "rows", ())] if isinstance(self.train, _Shuffled) else []
+        if rows and all(r in self.cache for r in rows):
+            stored = [self.cache[r] for r in rows]
+            return [torch.stack([s[k] for s in stored]) for k in range(len(stored[0]))]
+        with torch.no_grad():
+            outputs = outputs_of(self.original(*batch))
+        size = sum(t.numel() * t.element_size() for t in outputs)
+        if rows and self.bytes + size <= TARGET_CACHE_BYTES and all(len(t) == len(rows) for t in outputs):
+            for j, r in enumerate(rows):
+                self.cache[r] = [t[j].clone() for t in outputs]
+            self.bytes += size
+        return outputs
 
 
 def split(data: Batches, holdout: float, batch_size: int | None = None) -> tuple[object, object | None, int]:
@@ -239,26 +265,25 @@ class _Budget:
         return max(by_time, self.step / self.steps) if self.steps else by_time
 
 
-def _probe_rate(original: nn.Module, converted: nn.Module, params: list[nn.Parameter], train,
+def _probe_rate(targets: _Targets, converted: nn.Module, params: list[nn.Parameter], train,
                 objective: Objective, steps: int) -> tuple[float, torch.optim.Adam, int]:
     """(peak learning rate, its optimizer, steps taken): see the module doc. The winning rate's steps are kept
     (they are the start of its warm-up); a rate that does not lower the loss is undone."""
     state = [p.detach().clone() for p in params]
-    batches = []
+    batches, references = [], []
     for batch in train:
         batches.append(batch)
+        references.append(targets(batch))
         if len(batches) == steps:
             break
-    with torch.no_grad():
-        targets = [outputs_of(original(*b)) for b in batches]
 
     def loss_now() -> float:
         with torch.no_grad():
-            return sum(float(objective(outputs_of(converted(*b)), t)) for b, t in zip(batches, targets))
+            return sum(float(objective(outputs_of(converted(*b)), t)) for b, t in zip(batches, references))
     start = loss_now()
     for rate in PROBE_RATES:
         optimizer = torch.optim.Adam(params, lr=rate)
-        for k, (batch, target) in enumerate(zip(batches, targets)):
+        for k, (batch, target) in enumerate(zip(batches, references)):
             for group in optimizer.param_groups:
                 group["lr"] = rate * (k + 1) / len(batches)  # a warm-up of its own
             loss = objective(outputs_of(converted(*batch)), target)
@@ -298,11 +323,12 @@ def refine(original: nn.Module, converted: nn.Module, norm_params: list[nn.Param
         if not objective.losses:
             raise UsageError("refinement needs a floating-point output to match; the model has none")
         before = best = _score(converted, guard, objective, task)
+        targets = _Targets(original, train)
         best_state = [p.detach().clone() for p in params]  # the calibrated state, restored if nothing beats it
         if options.learning_rate:
             peak, optimizer = options.learning_rate, torch.optim.Adam(params, lr=options.learning_rate)
         else:
-            peak, optimizer, budget.step = _probe_rate(original, converted, params, train, objective,
+            peak, optimizer, budget.step = _probe_rate(targets, converted, params, train, objective,
                                                        min(PROBE_STEPS, options.steps or PROBE_STEPS))
         best_step, evaluated, evaluated_at, stale = 0, 0, 0, 0
         while budget.spent < 1.0 and stale < PATIENCE:
@@ -311,9 +337,7 @@ def refine(original: nn.Module, converted: nn.Module, norm_params: list[nn.Param
                 ran = True
                 for group in optimizer.param_groups:
                     group["lr"] = _learning_rate(peak, budget.spent)
-                with torch.no_grad():
-                    target = outputs_of(original(*batch))
-                loss = objective(outputs_of(converted(*batch)), target)
+                loss = objective(outputs_of(converted(*batch)), targets(batch))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -325,7 +349,7 @@ def refine(original: nn.Module, converted: nn.Module, norm_params: list[nn.Param
                     if _better(score, best, before):
                         best, best_step, stale = score, budget.step, 0
                         best_state = [p.detach().clone() for p in params]
-                    elif spent > WARMUP:
+                    elif spent > WARMUP and budget.step - best_step >= MIN_STEPS_BEFORE_STOP:
                         stale += 1
                 if progress:
                     progress(min(int(spent * 1000), 1000), 1000, "refining")

@@ -149,3 +149,29 @@ def test_the_calibrated_state_comes_back_exactly_after_the_probe_moved_it(traine
     assert r.learning_rate.endswith("(probed)") and r.steps > 0 and not r.kept
     for (name, a), (_, b) in zip(calibrated.model.state_dict().items(), guarded.model.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_the_original_runs_once_per_training_sample_not_once_per_step():
+    from normswap.torch.refine import _Targets
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def forward(self, x):
+            calls.append(len(x))
+            return x * 2
+
+    data = Batches(torch.arange(24.0).reshape(24, 1), 1, 4)
+    train, _, _ = split(data, 0.25, batch_size=6)
+    targets = _Targets(Counting(), train)
+    for _ in range(3):  # three epochs
+        for batch in train:
+            assert torch.equal(targets(batch)[0], batch[0] * 2)  # the cached outputs are the right samples'
+    assert sum(calls) == 18  # 18 training samples, each run once
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(8, 1)), batch_size=4)
+    iterable = Batches(loader, 1, 4)
+    plain = _Targets(Counting(), iterable)  # an iterable of batches: nothing to key a cache by
+    calls.clear()
+    for _ in range(2):
+        for batch in iterable:
+            plain(batch)
+    assert sum(calls) == 16
