@@ -17,8 +17,8 @@ import onnx
 
 from .errors import option
 from .errors import UnsupportedError, UsageError, ValidationFailedError
-from .options import (CALIBRATION_BATCH, REFINEMENT_KEYWORDS, CalibrationOptions, RefinementOptions,
-                      ValidationOptions, stage_options)
+from .options import CALIBRATION_BATCH  # noqa: F401 -- kept importable from here, where it lived
+from .options import REFINEMENT_KEYWORDS, CalibrationOptions, RefinementOptions, ValidationOptions, stage_options
 from .progress import auto_progress
 from .batch_sensitivity import DEFAULT_BATCHES, DEFAULT_BATCH_SIZES
 from .report import ConversionReport, InspectReport, SensitivityReport, ValidationReport
