@@ -62,9 +62,9 @@ SIGNIFICANCE = 2.0  # standard errors by which a kept state's held-out loss must
 class _Slice:
     """The batches of ``data`` whose sample (tensor data) or batch (iterables) index ``keep`` accepts."""
 
-    def __init__(self, data: Batches, keep, by_sample: bool, batch_size: int | None = None) -> None:
+    def __init__(self, data: Batches, keep, by_sample: bool) -> None:
         self.data, self.keep, self.by_sample = data, keep, by_sample
-        self.batch_size = batch_size or data.batch_size
+        self.batch_size = data.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         if self.by_sample:
