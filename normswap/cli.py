@@ -339,6 +339,8 @@ def _print_conversion(r: ConversionReport) -> None:
                         for a in ("folded", "converted", "affine", "kept") if r.count(a))
     unit = "nodes" if r.frontend == "onnx" else "modules"
     click.echo(f"{len(r.layers)} BatchNorm site(s): {summary or 'none'}; {unit} {r.nodes_before} -> {r.nodes_after}")
+    if r.dataflow is not None:
+        click.echo(f"dataflow: {r.dataflow}")
     if r.calibration is not None:
         c = r.calibration
         how = (f"{c.segments} segments, each model run once" if c.segments else

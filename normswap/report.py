@@ -263,6 +263,7 @@ class ConversionReport(_Json):
     frontend: str = "onnx"  # "onnx" (nodes_before/after count graph nodes) or "torch" (they count modules)
     validation_error: str | None = None  # why validation could not run (the conversion is kept; CLI exit 4)
     plan: PlanReport | None = None  # the agreement-floor plan, when one was asked for
+    dataflow: str | None = None  # torch frontend: the tracer that gave the dataflow ("none": module order)
 
     @property
     def passed(self) -> bool | None:

@@ -91,7 +91,7 @@ def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibr
         notes.append(auto_groups_note(options.groups))
     report = ConversionReport(to, target.exact, type(module).__name__, converter.records,
                               sum(1 for _ in module.modules()), sum(1 for _ in converted.modules()), notes=notes,
-                              frontend="torch")
+                              frontend="torch", dataflow=flow.source)
     if to in REPLACEMENT_TARGETS and converter.new_layers:
         if data is not None:
             report.calibration = calibrate(module, converted, converter.new_layers, data,

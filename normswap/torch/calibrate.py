@@ -109,19 +109,39 @@ def _first_node(value):
 def calibrate(original: nn.Module, converted: nn.Module, layers: list[NewLayer], data: Batches, *,
               head: str | None, choose_groups: bool = True, memory_budget: int = DEFAULT_MEMORY_BUDGET,
               progress: Progress | None = None) -> CalibrationReport:
-    """Fit every new layer (module parameters edited in place). Both modules are traced with torch.fx and run
-    segment by segment (``segments``): every node once per sample, on the module's device. A module torch.fx
-    cannot trace, or one that calls a BN more than once, is fitted level by level instead (one pass of both
-    modules per level)."""
+    """Fit every new layer (module parameters edited in place). Both modules are traced (``tracing``: torch.fx,
+    else with the first batch's values) and run segment by segment (``segments``): every node once per sample,
+    on the module's device. A module no tracer follows, one that calls a BN more than once, or one whose trace
+    fixed shape values the batches do not share, is fitted level by level instead (one pass of both modules per
+    level), with a note saying why."""
     names = {layer.site.name for layer in layers}
+    example = data.first()
     with _eval(original, converted):
-        ogm, cgm = trace(original, names), trace(converted, names)
-    if ogm is not None and cgm is not None and _called_once(ogm, names) and _called_once(cgm, names):
-        return _calibrate_in_segments(original, converted, ogm, cgm, layers, data, head=head,
-                                      choose_groups=choose_groups, memory_budget=memory_budget,
+        ogm, cgm = trace(original, names, example), trace(converted, names, example)
+    why = None
+    if ogm is None or cgm is None:
+        why = "no tracer could follow the module"
+    elif not (_called_once(ogm.graph_module, names) and _called_once(cgm.graph_module, names)):
+        why = "a BN module is called more than once"
+    elif (ogm.fixed or cgm.fixed) and not _same_shapes(data, example):
+        why = ("its trace fixed values of the first batch's shape and the batches differ in shape beyond the "
+               "batch dimension")
+    if why is None:
+        return _calibrate_in_segments(original, converted, ogm.graph_module, cgm.graph_module, layers, data,
+                                      head=head, choose_groups=choose_groups, memory_budget=memory_budget,
                                       progress=progress)
-    return _calibrate_by_levels(original, converted, layers, data, head=head, choose_groups=choose_groups,
-                                progress=progress)
+    report = _calibrate_by_levels(original, converted, layers, data, head=head, choose_groups=choose_groups,
+                                  progress=progress)
+    report.notes.append(f"calibrated level by level ({report.passes} passes of each model): {why}")
+    return report
+
+
+def _same_shapes(data: Batches, example: tuple) -> bool:
+    """Every batch's tensors have the example's shape beyond the batch dimension."""
+    def tail(batch) -> list:
+        return [tuple(a.shape[1:]) if isinstance(a, torch.Tensor) else None for a in batch]
+    want = tail(example)
+    return all(tail(batch) == want for batch in data)
 
 
 def _called_once(gm: fx.GraphModule, names: set[str]) -> bool:

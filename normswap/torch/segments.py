@@ -15,15 +15,19 @@ import torch
 from torch import fx, nn
 
 from ..activation_store import ActivationStore
-from .dataflow import LeafTracer
+from .tracing import trace as trace_graph
 
 
-def trace(module: nn.Module, leaves: set[str]) -> fx.GraphModule | None:
-    """``module`` traced with ``leaves`` kept as calls, or None when torch.fx cannot trace it."""
-    try:
-        return fx.GraphModule(module, LeafTracer(leaves).trace(module))
-    except Exception:  # data-dependent control flow, unsupported ops...
-        return None
+@dataclass
+class TracedModule:
+    graph_module: fx.GraphModule
+    fixed: list[str]  # values of the example the trace fixed (``tracing.ValueTracer``)
+
+
+def trace(module: nn.Module, leaves: set[str], example: tuple | None = None) -> TracedModule | None:
+    """``module`` traced with ``leaves`` kept as calls (``tracing.trace``), or None when no tracer can follow it."""
+    traced = trace_graph(module, leaves, example)
+    return TracedModule(traced.graph_module, traced.fixed) if traced.ok else None
 
 
 @dataclass

@@ -27,12 +27,31 @@ def _torchvision_models():
     return pytest.importorskip("torchvision.models")
 
 
+def _timm():
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    return pytest.importorskip("timm")
+
+
 def test_torchvision_resnet18():
     models = _torchvision_models()
     _check(randomize_bn(models.resnet18(weights=None)), torch.randn(2, 3, 64, 64))
 
 
 def test_timm_batchnormact_model():
-    timm = pytest.importorskip("timm")
+    timm = _timm()
     net = randomize_bn(timm.create_model("resnet18d", pretrained=False))
     _check(net, torch.randn(2, 3, 64, 64))
+
+
+@pytest.mark.parametrize("name,size", [("tf_efficientnet_lite0", 96), ("mobilevit_xxs", 128),
+                                       ("efficientvit_b0", 96), ("efficientvit_m0", 224),
+                                       ("bat_resnext26ts", 256)])
+def test_timm_models_plain_fx_cannot_trace(name, size):
+    """Shape-dependent control flow in forward: traced with the example's values, folded, segmented."""
+    timm = _timm()
+    torch.manual_seed(0)
+    net = randomize_bn(timm.create_model(name, pretrained=False, num_classes=10)).eval()
+    x = torch.randn(2, 3, size, size)
+    r = normswap.convert(net, to="fold", example_inputs=x, validate=False)
+    assert r.report.dataflow != "none" and r.report.count("folded") >= len(r.report.layers) - 1
+    _check(net, x)

@@ -175,3 +175,9 @@ def test_the_original_runs_once_per_training_sample_not_once_per_step():
         for batch in iterable:
             plain(batch)
     assert sum(calls) == 16
+
+
+def test_fast_models_are_also_measured_early_at_doubling_steps():
+    """A tenth of the budget can be hundreds of steps on a small model: steps 10, 20, 40 ... 320 are measured too."""
+    from normswap.torch.refine import _early_check
+    assert [s for s in range(1, 2000) if _early_check(s)] == [10, 20, 40, 80, 160, 320]
