@@ -37,7 +37,9 @@ MEASURED = [
     "| sums from five moments inside onnxruntime (all candidates from one pass) | 6.4x | 11x | - | - |",
     "| idle onnxruntime threads no longer spin between short runs | 6.0x | 8-10x | 8.1x | 4.7x |",
     "| IO binding: values stay OrtValues between segments (no numpy copies) | 5.0x | 8.3x | 6.0x | 5.5x |",
-    "| segment sessions without a memory arena (peak memory halved on resnet50) | see table | | | |",
+    "| segment sessions without a memory arena (peak memory halved on resnet50) | 4.2x | 8.4x | 6.7x | 5.5x |",
+    "| arena back on, kept values copied out of it; constant nodes inside each segment (2026-12-01) | see table "
+    "| | | |",
     "",
     "Also measured and not kept: onnxruntime graph optimization level for the segment sessions (all / extended "
     "/ basic: no difference beyond noise); calibration batch 8 / 16 / 32 / 64 (no trend on mobilenet_v2 or "
@@ -144,8 +146,9 @@ def render(rows: list[dict]) -> list[str]:
     lines += ["", "Each model runs once, segment by segment between calibration levels: every node of the "
               "original and of the converted model runs once per sample, the per-channel sums are computed inside "
               "onnxruntime (or in torch on the module's device) from moments that serve every candidate group "
-              "count at once, and activations stay where they were computed between segments (OrtValues through "
-              "IO binding; tensors on the device), within the memory budget. What remains above the floor of one "
+              "count at once, and activations stay where they were computed between segments (CPU: copied out of "
+              "the session's arena; GPU: OrtValues through IO binding; torch: tensors on the device), within the "
+              "memory budget. What remains above the floor of one "
               "forward pass of each model is per-segment cost: a session per segment and model, outputs that "
               "cannot be fused with what reads them in the next segment, and a cold first run of each session; "
               "it weighs most on small models over few samples.", ""] + MEASURED

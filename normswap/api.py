@@ -19,6 +19,7 @@ from .errors import option
 from .errors import UnsupportedError, UsageError, ValidationFailedError
 from .options import CALIBRATION_BATCH  # noqa: F401 -- kept importable from here, where it lived
 from .options import REFINEMENT_KEYWORDS, CalibrationOptions, RefinementOptions, ValidationOptions, stage_options
+from .stages import Stages
 from .progress import auto_progress
 from .batch_sensitivity import DEFAULT_BATCHES, DEFAULT_BATCH_SIZES
 from .report import ConversionReport, InspectReport, SensitivityReport, ValidationReport
@@ -269,6 +270,7 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
     from .onnx.io import graph_count
     target = get_target(to)
     replacing = to in REPLACEMENT_TARGETS
+    clock = Stages()
     original, source, had_external = _load(model, copy=False)
     from .onnx.admission import admit
     in_memory = isinstance(model, onnx.ModelProto) or _graphsurgeon_graph(model)
@@ -295,9 +297,12 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
     probe_data = calib if calib is not None else (inputs if isinstance(inputs, Mapping) else None)
     probe = _shape_probe(reference, probe_data, val.input_shapes, val.seed, val.provider)
     if agreement_floor is not None and calib is not None:
+        clock.done("load")
         return _planned(model, reference, converted, to, replace_options, calib, agreement_floor, cal, ref, val,
-                        validate, admission, source, had_external, before, probe, progress)
+                        validate, admission, source, had_external, before, probe, progress, clock)
+    clock.done("load")
     conversion = convert_in_place(converted, to, keep_unfoldable, replace_options, probe)
+    clock.done("convert")
     notes = ([admission] if admission else []) + conversion.notes
     if choose_groups and calibration is None:
         notes.append(auto_groups_note(groups))
@@ -317,9 +322,11 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
                                            select_providers(val.provider).providers, batch_size=cal.batch_size,
                                            refit_output_layer=cal.refit_output_layer, choose_groups=choose_groups,
                                            memory_budget=cal.memory, progress=progress)
+            clock.done("calibration")
             notes.extend(report.calibration.notes)
             if ref.enabled:
                 _refine(reference, converted, conversion.new_norms, calib, report, ref, val.task, progress)
+                clock.done("refinement")
         else:
             report.function_preserved = False
             notes.append("function NOT preserved: without calibration data the new layers use the BN's gamma and "
@@ -328,27 +335,39 @@ def convert(model, to: str = "fold", *, groups: int | str | None = None, group_s
         notes.append("nothing to convert: the model has no BatchNormalization (it was not validated)"
                      + exporter_folded_hint(original))
     elif validate:
-        main_norms = tuple(n.y for n in conversion.new_norms if n.graph == "main")
-        report.validation = validate_models_checked(reference, converted, val,
-                                                    check="exact" if target.exact else "fidelity",
-                                                    layer_outputs=main_norms, progress=progress)
-        for n in conversion.new_norms:
-            n.record.drift_cosine = report.validation.layer_cosine.get(n.y)
+        _validate_into(report, reference, converted, conversion, val, "exact" if target.exact else "fidelity",
+                       progress)
+        clock.done("validation")
         if not target.exact and inputs is None:
             notes.append("fidelity was measured on random inputs, which a trained network may never see; pass "
                          f"held-out samples ({option('inputs')} data) for a meaningful measure")
     if conversion.new_norms:
         report.judge_function()
+    report.stage_seconds = clock.seconds
+    return _result(model, converted, report, had_external)
+
+
+def _validate_into(report: ConversionReport, reference, converted: onnx.ModelProto, conversion, val, check: str,
+                   progress) -> None:
+    """Validate ``converted`` against ``reference`` into ``report``, each new layer's drift cosine recorded."""
+    main_norms = tuple(n.y for n in conversion.new_norms if n.graph == "main")
+    report.validation = validate_models_checked(reference, converted, val, check=check, layer_outputs=main_norms,
+                                                progress=progress)
+    for n in conversion.new_norms:
+        n.record.drift_cosine = report.validation.layer_cosine.get(n.y)
+
+
+def _result(model, converted: onnx.ModelProto, report: ConversionReport, had_external: bool) -> ConversionResult:
     result = ConversionResult(converted, report, had_external)
-    if _graphsurgeon_graph(model):
+    if _graphsurgeon_graph(model):  # given an onnx-graphsurgeon graph: one comes back
         result.graph = sys.modules["onnx_graphsurgeon"].import_onnx(converted)
     return result
 
 
 def _planned(model, reference, original: onnx.ModelProto, to: str, options: ReplaceOptions, calib, floor: float,
              cal: CalibrationOptions, ref: RefinementOptions, val: ValidationOptions, validate: bool,
-             admission: str | None, source: str, had_external: bool, before: int, probe, progress
-             ) -> ConversionResult:
+             admission: str | None, source: str, had_external: bool, before: int, probe, progress,
+             clock: Stages) -> ConversionResult:
     """``convert`` with an agreement floor (``onnx.plan``): plan, then validate the chosen conversion."""
     from .onnx.io import graph_count
     from .onnx.plan import plan_conversion
@@ -366,6 +385,7 @@ def _planned(model, reference, original: onnx.ModelProto, to: str, options: Repl
             return calibration_report.refinement
     chosen, plan = plan_conversion(reference, original, to, options, calib, floor, cal, val,
                                    select_providers(val.provider).providers, probe, refiner, progress)
+    clock.done("plan (conversions, calibration, refinement)")
     converted, conversion = chosen.model, chosen.conversion
     notes += conversion.notes
     report = ConversionReport(to, False, source, conversion.records, before, graph_count(converted), notes=notes)
@@ -376,16 +396,11 @@ def _planned(model, reference, original: onnx.ModelProto, to: str, options: Repl
             notes.append(chosen.refinement.summary())
     notes.append(plan.summary())
     if validate:
-        main_norms = tuple(n.y for n in conversion.new_norms if n.graph == "main")
-        report.validation = validate_models_checked(reference, converted, val, check="fidelity",
-                                                    layer_outputs=main_norms, progress=progress)
-        for n in conversion.new_norms:
-            n.record.drift_cosine = report.validation.layer_cosine.get(n.y)
+        _validate_into(report, reference, converted, conversion, val, "fidelity", progress)
+        clock.done("validation")
     report.judge_function()
-    result = ConversionResult(converted, report, had_external)
-    if _graphsurgeon_graph(model):
-        result.graph = sys.modules["onnx_graphsurgeon"].import_onnx(converted)
-    return result
+    report.stage_seconds = clock.seconds
+    return _result(model, converted, report, had_external)
 
 
 TORCH_MISSING = ("refinement skipped: it runs in torch, which is not installed (pip install normswap[torch]); "

@@ -354,6 +354,8 @@ def _print_conversion(r: ConversionReport) -> None:
                        f"{_bytes(c.peak_rss_bytes)}")
         if c.batch_layout:
             click.echo(f"calibration batches: {c.batch_layout}")
+    if r.stage_seconds:
+        click.echo("time: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in r.stage_seconds.items()))
     for note in r.notes:
         click.echo(printable(f"note: {note}"))
     if r.function_preserved is False and r.calibration is None:
@@ -665,7 +667,8 @@ Examples:
 @click.option("--calibrate-norms-only", is_flag=True,
               help="Calibrate only the new norm layers (do not refit the output layer).")
 @click.option("--calibration-batch-size", type=int, default=CALIBRATION_BATCH, show_default=True,
-              help="Samples per calibration run (a fixed-batch model is fed its own batch when it must be).")
+              help="Samples per calibration run, at most (ONNX: fewer when a batch's inputs would exceed 64 MiB; "
+                   "a fixed-batch model is fed its own batch when it must be).")
 @click.option("--calibration-memory", type=str, default=None, metavar="SIZE",
               help="Activations calibration keeps in memory between segments (e.g. 2G, 512M); beyond it they go "
                    "to disk. Default: a quarter of RAM.")

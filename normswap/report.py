@@ -264,6 +264,7 @@ class ConversionReport(_Json):
     validation_error: str | None = None  # why validation could not run (the conversion is kept; CLI exit 4)
     plan: PlanReport | None = None  # the agreement-floor plan, when one was asked for
     dataflow: str | None = None  # torch frontend: the tracer that gave the dataflow ("none": module order)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # seconds of each stage, in order
 
     @property
     def passed(self) -> bool | None:
@@ -304,6 +305,8 @@ class ConversionReport(_Json):
             "notes": list(self.notes),
             "validation_error": self.validation_error,
             "plan": None if self.plan is None else {**asdict(self.plan), "fraction": self.plan.fraction},
+            "dataflow": self.dataflow,
+            "stage_seconds": dict(self.stage_seconds),
             "passed": self.passed,
         }
 

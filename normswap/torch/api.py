@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..options import CalibrationOptions, RefinementOptions, ValidationOptions
+from ..stages import Stages
 from ..errors import option
 from ..errors import OutputError, UnsupportedError, UsageError, ValidationFailedError
 from ..report import ConversionReport
@@ -81,11 +82,13 @@ def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibr
                   validating: ValidationOptions, progress: Callable[[int, int, str], None] | None
                   ) -> TorchConversionResult:
     target = get_target(to)
+    clock = Stages()
     arity = positional_arity(module)
     device = module_device(module)
     data = Batches(calibration, arity, calibrating.batch_size, device) if calibration is not None else None
     example = as_args(example_inputs) if example_inputs is not None else (data.first() if data else None)
     converted, converter, flow, _ = convert_module(module, to, options, keep_unfoldable, example)
+    clock.done("convert (trace and rewrite)")
     notes = [flow.problem] if flow.problem else []
     if options.groups_by_fit and data is None and to == "group":
         notes.append(auto_groups_note(options.groups))
@@ -98,6 +101,7 @@ def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibr
                                            head=flow.head if calibrating.refit_output_layer else None,
                                            choose_groups=options.groups_by_fit, memory_budget=calibrating.memory,
                                            progress=progress)
+            clock.done("calibration")
             notes.extend(report.calibration.notes)
             if refining.enabled:
                 norm_params = [p for layer in converter.new_layers for p in layer.module.parameters()]
@@ -108,6 +112,7 @@ def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibr
                 if result.kept and refining.scope == "all":
                     changed |= {n for n, m in converted.named_modules() if next(m.parameters(False), None) is not None}
                 report.calibration.layers_changed = sorted(changed)
+                clock.done("refinement")
         else:
             report.function_preserved = False
             notes.append("function NOT preserved: without calibration data the new layers use the BN's gamma and "
@@ -134,11 +139,13 @@ def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibr
         except UnsupportedError as e:  # the conversion stands; only its check could not run
             report.validation_error = f"validation could not run: {e}"
             notes.append(report.validation_error)
+        clock.done("validation (ONNX export of both, onnxruntime)")
         if not target.exact and validating.inputs is None:
             notes.append("fidelity was measured on the example / calibration inputs; pass held-out inputs "
                          "(inputs=) for an unbiased measure")
     if converter.new_layers:
         report.judge_function()
+    report.stage_seconds = clock.seconds
     return TorchConversionResult(converted, report, example)
 
 

@@ -10,9 +10,9 @@ Three tracers, tried in order; the first that succeeds names the result's ``sour
    ``range(n)``, ``x.device.type`` -- the example's value is used and fixed into the graph (each one counted).
    Only Python values (shapes, sizes, devices) are fixed: control flow on a tensor's contents ends the trace.
    Shapes stay symbolic where only tensor ops read them. Modules that cache values in forward get their plain
-   attributes back after tracing. The graph is then checked against the module on the
-   example and on a batch of a different size: a graph whose fixed values depend on the batch is refused.
-   Such a graph holds for inputs of the example's non-batch shape, which is what calibration feeds it.
+   attributes back after tracing. The graph is then checked against the module on the example and on a batch
+   of a different size: a graph whose fixed values depend on the batch is refused. Such a graph holds for
+   inputs of the example's non-batch shape, which is what calibration feeds it (it checks).
 3. ``torch.export``: its aten graph with the leaves' calls collapsed back into call_module nodes
    (``export_graph``), checked the same way; shapes other than the batch dimension are the example's.
 4. None: the caller falls back (module order for pairing, level-by-level passes for calibration) and says why.
@@ -41,7 +41,8 @@ _UNPATCHED = getattr(fx._symbolic_trace, "_maybe_revert_all_patches", contextlib
 @dataclass
 class Traced:
     graph_module: fx.GraphModule | None
-    source: str  # "torch.fx", "torch.fx (defaults bound: ...)", "torch.fx with the example's values (...)"
+    source: str  # "torch.fx", "torch.fx (defaults bound: ...)", "torch.fx with the example's values (...)",
+    # "torch.export", or "none"
     problem: str | None = None  # why no tracer could follow the module
     fixed: list[str] = field(default_factory=list)  # values the example fixed into the graph
 

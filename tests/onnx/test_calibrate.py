@@ -9,7 +9,7 @@ import pytest
 from onnx import helper
 
 import normswap
-from normswap.onnx.calibrate import calibrate
+from normswap.onnx.calibrate import _plans, calibrate
 from normswap.onnx.convert import convert_in_place
 from normswap.onnx.segments import plan_segments
 from normswap.targets import ReplaceOptions
@@ -128,12 +128,45 @@ def test_every_node_runs_in_exactly_one_segment(digits):
     by_node = {name: n for n in norms for name in n.record.new_nodes}
     late = {i: by_node[node.name].x for i, node in enumerate(conv.graph.node) if node.name in by_node}
     plan = plan_segments(conv.graph, roots=[n.x for n in norms], late=late, hold=[conv.graph.output[0].name])
-    assert sum(len(s.nodes) for s in plan.segments) == len(conv.graph.node)
-    names = [node.name for seg in plan.segments for node in seg.nodes]
-    assert len(names) == len(set(names))
+    constant = _constant_outputs(conv.graph)
+    ran = [o for seg in plan.segments for node in seg.nodes for o in node.output if o not in constant]
+    assert sorted(ran) == sorted(o for node in conv.graph.node for o in node.output if o not in constant)
     for n in norms:  # a layer's emitted nodes all run after its input's segment: it is fitted in between
         emitted = [s.index for s in plan.segments for node in s.nodes if node.name in n.record.new_nodes]
         assert min(emitted) > plan.segment_of[n.x]
+
+
+def _constant_outputs(graph: onnx.GraphProto) -> set[str]:
+    """Outputs of the nodes that read only initializers and other such nodes."""
+    known, out = {t.name for t in graph.initializer}, set()
+    for node in graph.node:
+        if all(i in known for i in node.input if i):
+            out.update(node.output)
+            known.update(node.output)
+    return out
+
+
+def test_constant_nodes_run_inside_each_segment_that_reads_them_never_between_segments():
+    """paddle2onnx keeps BN parameters (and computes weights) in Constant nodes: passed between segments they
+    reached later segments as graph inputs, where onnxruntime cannot fold or prepack them."""
+    from tests.builders import paddle_style
+    ref = paddle_style(np.random.default_rng(0), head="map")
+    conv = copy.deepcopy(ref)
+    norms = convert_in_place(conv, "group", ReplaceOptions(groups=2)).new_norms
+    _, plan, _ = _plans(ref, conv, norms, None)  # the original's cut: its BNs read Constant nodes
+    made = _constant_outputs(ref.graph)
+    assert made and len(plan.segments) > 2
+    for seg in plan.segments:
+        assert not made & set(seg.reads + seg.writes)
+        computed = {o for node in seg.nodes for o in node.output}
+        for node in seg.nodes:  # every constant this segment's nodes read is computed in it
+            assert all(i in computed or i not in made for i in node.input)
+    # a constant node is copied only where it is read: not every segment computes every constant
+    assert any(not {o for node in seg.nodes for o in node.output} >= made for seg in plan.segments)
+    rng = np.random.default_rng(1)
+    data = {"x": rng.standard_normal((24, 3, 16, 16)).astype(np.float32)}
+    report = calibrate(ref, conv, norms, data, (CPU,), batch_size=8)
+    assert report.segments > 2 and len(report.layers_changed) == len(norms)
 
 
 def test_activations_spill_to_disk_beyond_the_memory_budget(digits):
@@ -319,3 +352,12 @@ def test_function_preserved_is_decided_by_a_gate_and_unknown_without_one(digits)
     kept = normswap.convert(MODEL, to="group", groups="auto", calibration=calib, inputs=held, min_agreement=0.9,
                             progress=False, refine=False)
     assert kept.report.function_preserved is True and kept.report.passed is True
+
+
+def test_large_inputs_calibrate_in_smaller_batches_small_ones_in_the_asked_batch():
+    from normswap.onnx.batching import BATCH_INPUT_BYTES, batch_rows
+    pages = {"x": np.zeros((64, 3, 736, 736), np.float32)}  # 6.5 MB a sample
+    lines = {"x": np.zeros((64, 3, 48, 192), np.float32)}
+    assert batch_rows(pages, 64) == BATCH_INPUT_BYTES // (3 * 736 * 736 * 4) < 64
+    assert batch_rows(lines, 64) == 64 and batch_rows(lines, 8) == 8
+    assert batch_rows({"x": np.zeros((2, 3, 4096, 4096), np.float32)}, 64) == 1
