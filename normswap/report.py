@@ -215,19 +215,20 @@ class CalibrationReport:
 @dataclass
 class PlanReport:
     """The agreement-floor plan (``onnx.plan``): which BNs normalize and which became frozen affine, the task
-    agreement reached (on the calibration data; a refined candidate on refinement's held-out slice), and every
-    conversion tried on the way."""
+    agreement reached (``judged``: two-fold out of sample on the calibration data; a refined candidate on
+    refinement's held-out slice), and every conversion tried on the way."""
 
     floor: float
     normalizing: list[str]
     frozen: list[str]
-    agreement: float  # of the chosen conversion: on the calibration data, or refinement's held-out slice
+    agreement: float  # of the chosen conversion: see ``judged``, or refinement's held-out slice when refined
     agreement_measure: str | None
     judged_samples: int
     full_agreement: float  # every BN replaced (calibrated, and refined when refinement ran)
     tried: list[dict] = field(default_factory=list)  # {"normalizing": k, "agreement": a, "refined": bool}
     ranking: str = ""
     seconds: float = 0.0
+    judged: str = "two-fold out of sample"  # or "on the calibration data" (too few samples to split)
 
     @property
     def fraction(self) -> float:
@@ -239,7 +240,8 @@ class PlanReport:
         met = "meets" if self.agreement >= self.floor else "does NOT meet"
         return (f"agreement-floor plan: {len(self.normalizing)} of {total} BN(s) normalize ({self.fraction:.0%}), "
                 f"the other {len(self.frozen)} are frozen affine; {self.agreement_measure or 'agreement'} "
-                f"{self.agreement:.3f} {met} the floor {self.floor:g} (judged on {self.judged_samples} calibration samples) "
+                f"{self.agreement:.3f} {met} the floor {self.floor:g} (judged {self.judged} on "
+                f"{self.judged_samples} calibration samples) "
                 f"(every BN replaced: {self.full_agreement:.3f}; {len(self.tried)} conversion(s) tried, "
                 f"{self.seconds:.0f} s)")
 

@@ -1,5 +1,5 @@
 """The agreement-floor plan (normswap/onnx/plan.py): as many BNs normalize as keep the task agreement at the floor,
-the rest become frozen affine; measured on samples held aside from the calibration data."""
+the rest become frozen affine; each conversion judged two-fold out of sample on the calibration data."""
 import json
 import subprocess
 import sys
@@ -121,3 +121,26 @@ def test_compare_shows_the_plan_as_a_row():
     assert report.recommended == "instance+plan"  # the batch-independent row that keeps the task
     with pytest.raises(UsageError, match="agreement_floor= in compare"):
         normswap.compare(MODEL, ["fold"], calibration={"x": X[:50]}, agreement_floor=0.9)
+
+
+def test_the_plan_judges_each_conversion_out_of_sample():
+    """On 48 calibration samples the output layer's refit makes InstanceNorm everywhere look fine on the data it
+    was fitted to (0.83) and lose the task on other samples (0.41): the two-fold judge sees the latter."""
+    calib, held = {"x": X[:48]}, {"x": X[280:]}
+    in_sample = normswap.convert(MODEL, to="instance", calibration=calib, inputs=calib, refine=False,
+                                 progress=False).report.validation.agreement
+    held_out = normswap.convert(MODEL, to="instance", calibration=calib, inputs=held, refine=False,
+                                progress=False).report.validation.agreement
+    plan = normswap.convert(MODEL, to="instance", calibration=calib, inputs=held, agreement_floor=0.5,
+                            refine=False, progress=False).report.plan
+    assert plan.judged == "two-fold out of sample" and in_sample > held_out + 0.3
+    assert abs(plan.full_agreement - held_out) < 0.15 and plan.full_agreement < 0.5 < in_sample
+
+
+def test_too_few_samples_to_split_are_judged_on_the_calibration_data():
+    from normswap.onnx.plan import MIN_FOLD, halves
+    even, odd = halves({"x": X[:5]})
+    assert np.array_equal(even["x"], X[[0, 2, 4]]) and np.array_equal(odd["x"], X[[1, 3]])
+    plan = normswap.convert(MODEL, to="layer", calibration={"x": X[:2 * MIN_FOLD - 2]}, inputs={"x": X[280:]},
+                            agreement_floor=0.5, refine=False, progress=False).report.plan
+    assert plan.judged == "on the calibration data"
