@@ -420,9 +420,13 @@ FIDELITY_FINDINGS = (
     "0.982 -- the held-out slice is too small and too easy to choose the state reliably). Group 32 is the hard "
     "case: 4 of its 6 BNs have 16 or 32 channels, so 32 groups is one channel per group (InstanceNorm after a "
     "ReLU, which discards each channel's level); calibrated it keeps 0.00, below BN copied (0.22), and refinement lifts it to 0.68 in 180 s. "
-    "The plan on its ONNX export normalizes all 6 BNs at 0.958 held out: it judged the calibrated full swap "
-    "1.000 on the calibration data, which the fit has seen (held out, calibrated, 0.946) -- the plan's judge "
-    "should use data the fit did not see.",
+    "The plan on its ONNX export normalizes all 6 BNs and measures 0.952 held out.",
+    "- The plan's judge is now two-fold out of sample (calibrated on half the calibration data, judged on the "
+    "other half, both ways). On these 256-sample sets it agrees with the in-sample judge -- classifier 0.996, "
+    "torchcrepe 1.000 -- and both sit above another draw of held-out inputs (0.97, 0.95): at this size the gap "
+    "is between data draws, not overfitting (on 48 digits samples overfitting was the gap: 0.83 in sample, 0.41 "
+    "held out, 0.375 two-fold). The floor holds on the distribution the calibration data samples, within its "
+    "sampling error.",
     "- Tried before (the issue's prototype, recorded there): block-wise reconstruction reached 0.615 F1 on a "
     "94-BN detector against 0.63 end to end; 224 extra rendered pages with jitter lowered the output error but "
     "also the F1 (0.52); no setting changed a decoded string of the recognizer within a CPU-minute.",
