@@ -17,7 +17,8 @@ agreement with the original, the plan replaces as many BNs as the floor allows a
    calibrated replacement leaves unexplained (``LayerRecord.fit_residual``), most harmless first, and the number
    ``k`` of leading BNs that normalize is found by bisection, each candidate converted (the others frozen
    affine) and calibrated afresh and its agreement measured the same way: the largest ``k`` measured to meet
-   the floor wins (``k = 0``, all frozen, is exact). About log2(N) + 1 candidates, two calibrations each.
+   the floor wins (``k = 0``, all frozen, is exact). About log2(N) + 1 candidates, each judged by two
+   calibrations on half the data; only the chosen one is calibrated on all of it.
 3. The chosen conversion is refined (when refinement runs); refinement's guard keeps its held-out agreement at
    least where calibration left it, and if that agreement is below the floor the calibrated model is kept.
 
@@ -115,16 +116,24 @@ def plan_conversion(reference, original: onnx.ModelProto, to: str, options: Repl
             agreed, judged = agreed + a * n, judged + n
         return agreed / judged
 
-    def candidate(only: frozenset[str] | None) -> Candidate:
+    def candidate(only: frozenset[str] | None, agreement: float | None = None) -> Candidate:
+        """The conversion calibrated on all the data, with its judged agreement (``agreement``: already
+        judged)."""
         model, conversion, report = converted(only, calibration)
-        if not conversion.new_norms or not two_fold:
-            agreement = judge(model, calibration)[0]
-        else:
-            agreement = out_of_sample(only)
-        found = Candidate(model, conversion, report, agreement)
-        tried.append({"normalizing": sum(n.graph == "main" for n in conversion.new_norms),
-                      "agreement": found.agreement, "refined": False})
-        return found
+        if agreement is None:
+            agreement = (out_of_sample(only) if conversion.new_norms and two_fold else
+                         judge(model, calibration)[0])
+            tried.append({"normalizing": sum(n.graph == "main" for n in conversion.new_norms),
+                          "agreement": agreement, "refined": False})
+        return Candidate(model, conversion, report, agreement)
+
+    def judged(only: frozenset[str]) -> float:
+        """A bisection candidate's agreement; calibrated on all the data only if it is chosen (two-fold)."""
+        if not two_fold:
+            return candidate(only).agreement
+        agreement = out_of_sample(only)
+        tried.append({"normalizing": len(only), "agreement": agreement, "refined": False})
+        return agreement
 
     def refined(c: Candidate) -> Candidate:
         """``c`` refined in place when refinement runs and helps on the judging samples; else ``c`` as it was."""
@@ -157,12 +166,12 @@ def plan_conversion(reference, original: onnx.ModelProto, to: str, options: Repl
         low, high, best = 0, len(names), None
         while high - low > 1:
             middle = (low + high) // 2
-            c = candidate(frozenset(names[:middle]))
-            if c.agreement >= floor:
-                low, best = middle, c
+            agreement = judged(frozenset(names[:middle]))
+            if agreement >= floor:
+                low, best = middle, agreement
             else:
                 high = middle
-        chosen = best if best is not None else candidate(frozenset())
+        chosen = candidate(frozenset(names[:low]), best) if best is not None else candidate(frozenset())
         chosen = refined(chosen) if chosen.refinement is None else chosen
     elif chosen.refinement is None:
         chosen = refined(chosen)
