@@ -132,9 +132,9 @@ def _constant_nodes(graph: onnx.GraphProto, keep: list[bool], constants: set[str
     """Indices of the kept nodes that read only constants (initializers, other such nodes): shape arithmetic,
     Constant nodes, weights a paddle2onnx export computes from initializers. They get no segment of their own:
     each segment that reads one computes it (onnxruntime folds it into an initializer when the session is made).
-    Kept between segments instead, they reached later segments as graph inputs, and a Conv whose weight is an
-    input loses onnxruntime's prepacking and fusions: the PP-OCRv4 detector's main segment ran 1.8x slower than
-    the whole model."""
+    Kept between segments instead, they reached later segments as graph inputs, where onnxruntime can neither
+    fold them nor prepack a Conv weight among them (no speed change measured on the PP-OCRv4 detector, whose
+    slow segments had another cause: ``validate.runner.make_session``)."""
     known = set(constants)
     out: set[int] = set()
     for i, node in enumerate(graph.node):

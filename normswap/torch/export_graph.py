@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 
 
 def _leaf_key(node: fx.Node, leaves: set[str]) -> str | None:
-    """The stack key of the innermost *leaf* module call around ``node`` (a leaf's own submodules included)."""
+    """The stack key of the outermost leaf module call around ``node``: a leaf's own submodules belong to it."""
     stack = node.meta.get("nn_module_stack") or {}
     for key, (path, _) in stack.items():
         if path in leaves:
