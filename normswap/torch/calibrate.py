@@ -27,8 +27,9 @@ from ..activation_store import DEFAULT_MEMORY_BUDGET, ActivationStore, peak_rss
 from ..report import CalibrationReport
 from .convert import NewLayer
 from .data import Batches
-from .segments import SegmentRunner, moments, plan, trace
+from .segments import SegmentRunner, moments, plan
 from .sites import TorchSite
+from .tracing import trace
 
 Progress = Callable[[int, int, str], None]
 HEAD_RIDGE = 1e-3
@@ -119,7 +120,7 @@ def calibrate(original: nn.Module, converted: nn.Module, layers: list[NewLayer],
     with _eval(original, converted):
         ogm, cgm = trace(original, names, example), trace(converted, names, example)
     why = None
-    if ogm is None or cgm is None:
+    if not (ogm.ok and cgm.ok):
         why = "no tracer could follow the module"
     elif not (_called_once(ogm.graph_module, names) and _called_once(cgm.graph_module, names)):
         why = "a BN module is called more than once"

@@ -12,22 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import fx, nn
+from torch import fx
 
 from ..activation_store import ActivationStore
-from .tracing import trace as trace_graph
-
-
-@dataclass
-class TracedModule:
-    graph_module: fx.GraphModule
-    fixed: list[str]  # values of the example the trace fixed (``tracing.ValueTracer``)
-
-
-def trace(module: nn.Module, leaves: set[str], example: tuple | None = None) -> TracedModule | None:
-    """``module`` traced with ``leaves`` kept as calls (``tracing.trace``), or None when no tracer can follow it."""
-    traced = trace_graph(module, leaves, example)
-    return TracedModule(traced.graph_module, traced.fixed) if traced.ok else None
 
 
 @dataclass
