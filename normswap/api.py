@@ -384,7 +384,8 @@ def _planned(model, reference, original: onnx.ModelProto, to: str, options: Repl
             notes.extend(n for n in holder.notes if n.startswith("refinement skipped") and n not in notes)
             return calibration_report.refinement
     chosen, plan = plan_conversion(reference, original, to, options, calib, floor, cal, val,
-                                   select_providers(val.provider).providers, probe, refiner, progress)
+                                   select_providers(val.provider).providers, probe, refiner, progress,
+                                   ref.held_out(len(next(iter(calib.values())))))
     clock.done("plan (conversions, calibration, refinement)")
     converted, conversion = chosen.model, chosen.conversion
     notes += conversion.notes
@@ -395,6 +396,8 @@ def _planned(model, reference, original: onnx.ModelProto, to: str, options: Repl
         if chosen.refinement is not None:
             notes.append(chosen.refinement.summary())
     notes.append(plan.summary())
+    if plan.refinement_skipped:
+        notes.append(plan.refinement_skipped)
     if validate:
         _validate_into(report, reference, converted, conversion, val, "fidelity", progress)
         clock.done("validation")

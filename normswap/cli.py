@@ -644,8 +644,8 @@ Examples:
               help="Share of the calibration data held aside to keep refinement's best state.")
 @click.option("--agreement-floor", type=float, default=None, metavar="A",
               help="ONNX models, with --calibrate and a replacement target: convert as many BNs as keep the task "
-                   "agreement at least A (measured on the calibration data), the rest frozen affine "
-                   "(exact); the report lists which normalize.")
+                   "agreement at least A (judged out of sample on the calibration data, less one standard "
+                   "error), the rest frozen affine (exact); the report lists which normalize.")
 @click.option("--distill-steps", type=int, default=None, hidden=True)
 @click.option("--distill-scope", type=click.Choice(REFINE_SCOPES), default=None, hidden=True)
 @click.option("--distill-holdout", type=float, default=None, hidden=True)

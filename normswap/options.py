@@ -72,6 +72,10 @@ class RefinementOptions:
             raise UsageError(f"the refinement learning rate must be positive (got {self.learning_rate:g})")
         return self
 
+    def held_out(self, samples: int) -> int:
+        """How many of ``samples`` (tensor data) refinement holds aside: every ``round(1 / holdout)``-th."""
+        return samples // max(2, round(1 / self.holdout)) if self.holdout else 0
+
 
 @dataclass(frozen=True)
 class ValidationOptions:

@@ -225,10 +225,13 @@ class PlanReport:
     agreement_measure: str | None
     judged_samples: int
     full_agreement: float  # every BN replaced (calibrated, and refined when refinement ran)
-    tried: list[dict] = field(default_factory=list)  # {"normalizing": k, "agreement": a, "refined": bool}
+    tried: list[dict] = field(default_factory=list)  # {"normalizing", "agreement", "lower_bound", "refined"[, "kept"]}
     ranking: str = ""
     seconds: float = 0.0
-    judged: str = "two-fold out of sample"  # or "on the calibration data" (too few samples to split)
+    judged: str = "two-fold out of sample"  # "on the calibration data", "on refinement's held-out slice"
+    lower_bound: float = 0.0  # the agreement less BOUND_Z standard errors (Wilson); 1 when every BN is frozen
+    bound_z: float = 1.0
+    refinement_skipped: str | None = None  # why the full swap was not refined to meet the floor
 
     @property
     def fraction(self) -> float:
@@ -237,11 +240,11 @@ class PlanReport:
 
     def summary(self) -> str:
         total = len(self.normalizing) + len(self.frozen)
-        met = "meets" if self.agreement >= self.floor else "does NOT meet"
+        met = "meets" if self.lower_bound >= self.floor else "does NOT meet"
         return (f"agreement-floor plan: {len(self.normalizing)} of {total} BN(s) normalize ({self.fraction:.0%}), "
                 f"the other {len(self.frozen)} are frozen affine; {self.agreement_measure or 'agreement'} "
-                f"{self.agreement:.3f} {met} the floor {self.floor:g} (judged {self.judged} on "
-                f"{self.judged_samples} calibration samples) "
+                f"{self.agreement:.3f}, less {self.bound_z:g} standard error(s) {self.lower_bound:.3f}, {met} the "
+                f"floor {self.floor:g} (judged {self.judged} on {self.judged_samples} samples) "
                 f"(every BN replaced: {self.full_agreement:.3f}; {len(self.tried)} conversion(s) tried, "
                 f"{self.seconds:.0f} s)")
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import normswap
 from normswap.errors import UnsupportedError, UsageError
@@ -49,6 +51,37 @@ def test_where_the_full_swap_meets_the_floor_every_layer_normalizes():
     plan = _plan("layer", 0.9).report.plan
     assert plan.frozen == [] and len(plan.normalizing) == 6 and plan.fraction == 1.0
     assert len(plan.tried) == 1 and plan.agreement == plan.full_agreement >= 0.9
+
+
+def test_an_agreement_at_the_floor_whose_sampling_error_reaches_below_it_does_not_meet_it():
+    """Layer everywhere judges 0.986 (276 of 280): at that floor the judged value is met, its bound (0.977) is not,
+    so the plan freezes some BNs -- and what it keeps meets the floor with its own bound."""
+    full = _plan("layer", 0.9).report.plan
+    assert full.agreement > full.lower_bound >= 0.9 and full.fraction == 1.0
+    plan = _plan("layer", full.agreement).report.plan
+    assert plan.full_agreement == pytest.approx(full.agreement)  # the same full swap, judged the same
+    assert plan.fraction < 1.0 and plan.lower_bound >= plan.floor == full.agreement
+    assert plan.tried[0]["lower_bound"] == pytest.approx(full.lower_bound) and full.lower_bound < plan.floor
+    assert "less 1 standard error(s)" in plan.summary() and " meets the floor" in plan.summary()
+
+
+@pytest.mark.parametrize("floor, refines_full", [(0.9, True), (0.99, False)])
+def test_the_full_swap_is_refined_only_when_refinements_held_out_slice_can_show_the_floor(floor, refines_full):
+    """280 samples: refinement holds aside 40, whose bound with all 40 agreeing is 0.976 -- enough for 0.9, not
+    for 0.99, where refining the full swap would spend the budget on a judgement that cannot pass."""
+    pytest.importorskip("torch")
+    from normswap.onnx.plan import lower_bound
+    from normswap.options import RefinementOptions
+    assert RefinementOptions().held_out(280) == 40 and lower_bound(1.0, 40) == pytest.approx(40 / 41)
+    result = normswap.convert(MODEL, to="instance", calibration={"x": X[:280]}, inputs={"x": X[280:]},
+                              agreement_floor=floor, refine_steps=3, progress=False)
+    plan = result.report.plan
+    full_refined = [t for t in plan.tried if t["refined"] and t["normalizing"] == 6]
+    assert bool(full_refined) is refines_full
+    assert (plan.refinement_skipped is None) is refines_full
+    assert any("cannot show 0.99" in n for n in result.report.notes) is (not refines_full)
+    judged = [t for t in plan.tried if not t["refined"] and t["normalizing"] == len(plan.normalizing)]
+    assert plan.agreement == judged[-1]["agreement"] and plan.judged == "two-fold out of sample"  # not the slice's
 
 
 def test_the_most_harmless_layers_by_calibrated_fit_normalize_first():
@@ -135,6 +168,26 @@ def test_the_plan_judges_each_conversion_out_of_sample():
                             refine=False, progress=False).report.plan
     assert plan.judged == "two-fold out of sample" and in_sample > held_out + 0.3
     assert abs(plan.full_agreement - held_out) < 0.15 and plan.full_agreement < 0.5 < in_sample
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(0, 1), st.integers(1, 10_000), st.floats(0.1, 3))
+def test_the_lower_bound_lies_below_the_agreement_and_rises_with_the_samples(p, n, z):
+    from normswap.onnx.plan import lower_bound
+    bound = lower_bound(p, n, z)
+    assert 0 <= bound <= p + 1e-12
+    assert lower_bound(p, 4 * n, z) >= bound - 1e-12  # more samples: a tighter bound
+    assert lower_bound(p, n, 2 * z) <= bound + 1e-12  # more standard errors: a lower one
+    assert lower_bound(1.0, n, z) == pytest.approx(n / (n + z * z))  # every sample agreeing
+    assert lower_bound(p, 0, z) == 0.0
+
+
+def test_an_exact_plan_meets_any_floor_whatever_the_sample_count():
+    """Too few samples to show 0.999 for any replacement: every BN is frozen, exact, and that meets the floor."""
+    plan = normswap.convert(MODEL, to="instance", calibration={"x": X[:40]}, inputs={"x": X[280:]},
+                            agreement_floor=0.999, refine=False, progress=False).report.plan
+    assert plan.normalizing == [] and plan.lower_bound == 1.0 and " meets the floor" in plan.summary()
+    assert all(t["lower_bound"] < 0.999 for t in plan.tried if t["normalizing"])
 
 
 def test_too_few_samples_to_split_are_judged_on_the_calibration_data():
