@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "fixtures"))
 import make_fixtures  # noqa: E402  (digits split, training loop, export)
 
 import normswap  # noqa: E402
+from normswap.options import RefinementOptions  # noqa: E402
 
 CALIBRATION_SAMPLES = 300
 SEEDS = (0, 1, 2)  # each network is trained three times: agreement on 360 images moves by 0.28% a sample
@@ -214,7 +215,8 @@ def refine_table(refined) -> list[str]:
         "",
         "Every parameter (`refine_scope='all'`) or only the new layers' scale and shift (`'norms'`) trained towards "
         "the original's outputs on the calibration images with normswap's refinement (docs/refinement.md: a loss "
-        "per output kind, one Adam rate probed from 3e-3 down, warm-up and cosine decay), 15% of them held aside: "
+        "per output kind, one Adam rate probed from 3e-3 down, warm-up and cosine decay), "
+        f"{RefinementOptions().holdout:.0%} of them held aside: "
         "the best state on them is kept only when it beats the calibrated one by two standard errors without "
         "lowering their agreement, else the calibrated state is restored. Target (issue 12): rows calibrated "
         "below 99% gain at least 1 point on average, no row loses more than 0.5 point. The recipes measured "

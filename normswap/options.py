@@ -52,7 +52,7 @@ class RefinementOptions:
     seconds: float = DEFAULT_REFINE_SECONDS
     steps: int | None = DEFAULT_REFINE_STEPS
     scope: str = "all"
-    holdout: float = 0.15
+    holdout: float = 0.3  # 0.15 held out 36 of 256 samples: too few to see torchcrepe gain (docs/refinement.md)
     batch_size: int = 16
     learning_rate: float | None = None  # None: chosen by a short probe (normswap.torch.refine)
 

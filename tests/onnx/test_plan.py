@@ -72,9 +72,9 @@ def test_the_full_swap_is_refined_only_when_refinements_held_out_slice_can_show_
     pytest.importorskip("torch")
     from normswap.onnx.plan import lower_bound
     from normswap.options import RefinementOptions
-    assert RefinementOptions().held_out(280) == 40 and lower_bound(1.0, 40) == pytest.approx(40 / 41)
+    assert RefinementOptions(holdout=0.15).held_out(280) == 40 and lower_bound(1.0, 40) == pytest.approx(40 / 41)
     result = normswap.convert(MODEL, to="instance", calibration={"x": X[:280]}, inputs={"x": X[280:]},
-                              agreement_floor=floor, refine_steps=3, progress=False)
+                              agreement_floor=floor, refine_steps=3, refine_holdout=0.15, progress=False)
     plan = result.report.plan
     full_refined = [t for t in plan.tried if t["refined"] and t["normalizing"] == 6]
     assert bool(full_refined) is refines_full

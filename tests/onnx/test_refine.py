@@ -29,7 +29,7 @@ def _convert(steps, **kw):
 
 @pytest.fixture(scope="module")
 def pair():
-    return _convert(0), _convert(150)
+    return _convert(0), _convert(300)
 
 
 def test_refinement_lowers_the_heldout_error_and_keeps_the_graph(pair):

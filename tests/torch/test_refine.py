@@ -22,7 +22,7 @@ def test_refining_every_parameter_is_reported_and_does_not_lose_agreement(traine
                                refine=RefinementOptions(steps=300, seconds=120))
     r = refined.report.calibration.refinement
     assert calibrated.report.calibration.refinement is None
-    assert r.scope == "all" and 0 < r.steps <= 300 and r.heldout_samples == 300 // 7
+    assert r.scope == "all" and 0 < r.steps <= 300 and r.heldout_samples == RefinementOptions().held_out(300) == 100
     assert r.loss == "MSE" and r.agreement_measure == "top-1"
     assert r.kept and r.best_step > 0 and r.heldout_loss_after < r.heldout_loss_before
     assert r.heldout_agreement_after >= r.heldout_agreement_before
