@@ -73,8 +73,14 @@ class RefinementOptions:
         return self
 
     def held_out(self, samples: int) -> int:
-        """How many of ``samples`` (tensor data) refinement holds aside: every ``round(1 / holdout)``-th."""
-        return samples // max(2, round(1 / self.holdout)) if self.holdout else 0
+        """How many of ``samples`` (tensor data) refinement holds aside: every ``holdout_every``-th."""
+        every = holdout_every(self.holdout)
+        return samples // every if every else 0
+
+
+def holdout_every(holdout: float) -> int:
+    """Refinement holds aside every this-many-th sample for a hold-out share ``holdout`` (0: none)."""
+    return max(2, round(1 / holdout)) if holdout else 0
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,11 @@ def plan_conversion(reference, original: onnx.ModelProto, to: str, options: Repl
     tried: list[dict] = []
     skipped: str | None = None
 
+    def record(normalizing: int, agreement: float, judged_on: int, **refined) -> None:
+        """One conversion tried: ``kept=`` marks a refined one (whether refinement kept its state)."""
+        tried.append({"normalizing": normalizing, "agreement": agreement,
+                      "lower_bound": lower_bound(agreement, judged_on), "refined": bool(refined), **refined})
+
     def converted(only: frozenset[str] | None, data: Mapping[str, np.ndarray]):
         model = onnx.ModelProto()
         model.CopyFrom(original)
@@ -163,9 +168,7 @@ def plan_conversion(reference, original: onnx.ModelProto, to: str, options: Repl
         if agreement is None:
             agreement = (out_of_sample(only) if conversion.new_norms and two_fold else
                          judge(model, calibration)[0])
-            tried.append({"normalizing": sum(n.graph == "main" for n in conversion.new_norms),
-                          "agreement": agreement, "lower_bound": lower_bound(agreement, samples),
-                          "refined": False})
+            record(sum(n.graph == "main" for n in conversion.new_norms), agreement, samples)
         return Candidate(model, conversion, report, agreement, samples)
 
     def judged(only: frozenset[str]) -> float:
@@ -173,8 +176,7 @@ def plan_conversion(reference, original: onnx.ModelProto, to: str, options: Repl
         if not two_fold:
             return candidate(only).agreement
         agreement = out_of_sample(only)
-        tried.append({"normalizing": len(only), "agreement": agreement,
-                      "lower_bound": lower_bound(agreement, samples), "refined": False})
+        record(len(only), agreement, samples)
         return agreement
 
     def refined(c: Candidate) -> Candidate:
@@ -187,9 +189,7 @@ def plan_conversion(reference, original: onnx.ModelProto, to: str, options: Repl
         if result is None or result.heldout_agreement_after is None:
             return c
         agreement, held = result.heldout_agreement_after, result.heldout_samples or samples
-        tried.append({"normalizing": sum(n.graph == "main" for n in c.conversion.new_norms),
-                      "agreement": agreement, "lower_bound": lower_bound(agreement, held), "refined": True,
-                      "kept": result.kept})
+        record(sum(n.graph == "main" for n in c.conversion.new_norms), agreement, held, kept=result.kept)
         if not result.kept:
             return c
         if agreement < min(floor, c.agreement):  # refinement cost agreement the judging samples see

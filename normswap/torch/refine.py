@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
-from ..options import RefinementOptions
+from ..options import RefinementOptions, holdout_every
 from ..report import RefinementReport
 from ..validate.agreement import Agreement, TaskMeasure, task_agreement
 from .data import Batches, standard_layout
@@ -127,7 +127,7 @@ def split(data: Batches, holdout: float, batch_size: int | None = None) -> tuple
     parts to split: no held-out slice."""
     if not 0 <= holdout < 1:
         raise UsageError(f"the refinement hold-out share must be at least 0 and below 1 (got {holdout:g})")
-    every = max(2, round(1 / holdout)) if holdout else 0
+    every = holdout_every(holdout)
     if data.tensors is not None:
         n = len(data.tensors[0])
         held = sum(1 for k in range(n) if every and k % every == every - 1)
