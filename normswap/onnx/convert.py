@@ -140,7 +140,7 @@ class _SiteConverter:
             match = AFFINE_RULE.match(site)
             if not isinstance(match, Skip):
                 return self._apply(AFFINE_RULE, site, match, "affine", "frozen affine by the agreement-floor plan "
-                                   f"(its {self.target} norm would cost agreement)")
+                                   f"(no plan normalizing it as {self.target} norm was shown to keep the floor)")
         rule = {"group": GROUP_RULE, "instance": INSTANCE_RULE}.get(self.target) or (
             LAYER_CHANNELS_RULE if self.options.layer_over == "channels" else LAYER_RULE)
         match = rule.match(site)

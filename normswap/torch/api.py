@@ -129,12 +129,12 @@ def convert_torch(module: nn.Module, to: str, *, options: ReplaceOptions, calibr
             raise UsageError("validation needs example inputs (example_inputs=, inputs= or calibration=); "
                              "or pass validate=False")
         from .calibrate import layer_drift
-        layer_drift(module, converted, converter.new_layers, held)
+        eager = layer_drift(module, converted, converter.new_layers, held)
         try:
             report.validation, report.deployable = validate_modules(
                 module, converted, held, exact=target.exact, provider=validating.provider, atol=validating.atol,
                 rtol=validating.rtol, min_cosine=validating.min_cosine, min_agreement=validating.min_agreement,
-                task=validating.task,
+                task=validating.task, eager=eager,
                 source="given inputs" if inputs is not None else "example inputs")
         except UnsupportedError as e:  # the conversion stands; only its check could not run
             report.validation_error = f"validation could not run: {e}"

@@ -322,8 +322,9 @@ def _refit_head_from(converted: nn.Module, head: str, pairs) -> str:
 
 
 def layer_drift(original: nn.Module, converted: nn.Module, layers: list[NewLayer],
-                args: tuple[torch.Tensor, ...]) -> None:
-    """Each new layer's output against the original BN's output on ``args``: cosine into its record."""
+                args: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each new layer's output against the original BN's output on ``args``: cosine into its record. Returns
+    both modules' outputs on ``args`` (validation compares them and does not run the modules again)."""
     outputs: dict[str, torch.Tensor] = {}
 
     def keep(key: str):
@@ -334,8 +335,8 @@ def layer_drift(original: nn.Module, converted: nn.Module, layers: list[NewLayer
     try:
         with _eval(original, converted), torch.no_grad():
             with _capturing([(layer.site.module, str(id(layer))) for layer in layers]) as inputs:
-                original(*args)
-            converted(*args)
+                ours = original(*args)
+            theirs = converted(*args)
     finally:
         for h in hooks:
             h.remove()
@@ -346,3 +347,4 @@ def layer_drift(original: nn.Module, converted: nn.Module, layers: list[NewLayer
             b = outputs[key].detach().double().flatten()
             denom = float(a.norm() * b.norm())
             layer.record.drift_cosine = float(a @ b) / denom if denom > 0 else (1.0 if a.norm() == b.norm() else 0.0)
+    return tuple([out] if isinstance(out, torch.Tensor) else list(out) for out in (ours, theirs))

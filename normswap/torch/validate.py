@@ -59,8 +59,9 @@ def _export_once(module: nn.Module, args: tuple[torch.Tensor, ...], path: str, e
                           **({"optimize": False} if dynamo else {}))
 
 
-def _runtime_problem(path: str, args: tuple[torch.Tensor, ...]) -> str | None:
-    """Why onnxruntime cannot load or run the exported model on ``args``, or None."""
+def _runtime_problem(path: str, args: tuple[torch.Tensor, ...], ran: dict | None = None) -> str | None:
+    """Why onnxruntime (CPU, optimizations off) cannot load or run the exported model on ``args``, or None; its
+    outputs by name go into ``ran`` when given (the deployable check reuses them instead of running again)."""
     import onnxruntime as ort
     from ..validate.providers import CPU, ORT_SILENT
     options = ort.SessionOptions()
@@ -69,24 +70,29 @@ def _runtime_problem(path: str, args: tuple[torch.Tensor, ...]) -> str | None:
     try:
         session = ort.InferenceSession(path, options, providers=[CPU])
         feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
-        session.run(None, feeds)
+        values = session.run(None, feeds)
     except Exception as e:  # noqa: BLE001
         return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    if ran is not None:
+        ran.update(zip((o.name for o in session.get_outputs()), values))
     return None
 
 
-def export(module: nn.Module, args: tuple[torch.Tensor, ...], path: str | os.PathLike) -> tuple[list[str], str]:
+def export(module: nn.Module, args: tuple[torch.Tensor, ...], path: str | os.PathLike, *,
+           output_count: int | None = None, ran: dict | None = None) -> tuple[list[str], str]:
     """torch.onnx.export with the dynamo exporter (optimize=False, so BN stays in the original's graph); when it
     fails, or onnxruntime cannot load or run what it wrote (dynamo's Conv3d export of torchvision's r3d_18), the
     TorchScript exporter (which folds Conv+BN in eval mode -- the same function). Inputs are named after
-    forward's arguments, outputs ``output0``, ``output1``... so two exports line up. Returns (input names, the
-    exporter that produced the model)."""
+    forward's arguments, outputs ``output0``, ``output1``... so two exports line up (``output_count``: how many,
+    when the caller already ran the module; else one forward counts them). ``ran`` receives onnxruntime's
+    outputs of the check run (CPU). Returns (input names, the exporter that produced the model)."""
     names = [n for n in forward_names(module)][:len(args)] or [f"input{k}" for k in range(len(args))]
     training = module.training
     module.eval()
     errors = []
     try:
-        outputs = [f"output{k}" for k in range(len(_outputs(module, args)))]
+        count = len(_outputs(module, args)) if output_count is None else output_count
+        outputs = [f"output{k}" for k in range(count)]
         for exporter in EXPORTERS:
             try:
                 _export_once(module, args, str(path), exporter, names, outputs)
@@ -97,7 +103,7 @@ def export(module: nn.Module, args: tuple[torch.Tensor, ...], path: str | os.Pat
             except Exception as e:  # noqa: BLE001 -- the exporter's own failure: try the other one
                 errors.append(f"{exporter}: {str(e).splitlines()[0] if str(e) else e!r}")
                 continue
-            problem = _runtime_problem(str(path), args)
+            problem = _runtime_problem(str(path), args, ran)
             if problem is None:
                 return [i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}], exporter
             errors.append(f"{exporter}: onnxruntime cannot run its export ({problem})")
@@ -132,14 +138,18 @@ def _module_reference(module: nn.Module, names: list[str], outputs: list[str]):
 
 def validate_modules(original: nn.Module, converted: nn.Module, args: tuple[torch.Tensor, ...], *, exact: bool,
                      provider: str, atol: float | None, rtol: float | None, min_cosine: float | None,
-                     min_agreement: float | None, source: str, task: TaskMeasure = TaskMeasure()
+                     min_agreement: float | None, source: str, task: TaskMeasure = TaskMeasure(),
+                     eager: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
                      ) -> tuple[ValidationReport, ValidationReport]:
-    """(original vs converted in ONNX Runtime, converted eager vs its own ONNX export)."""
+    """(original vs converted in ONNX Runtime, converted eager vs its own ONNX export). ``eager``: both modules'
+    outputs on ``args`` when the caller already ran them (``calibrate.layer_drift``): neither runs again."""
     from ..validate.runner import validate_models
     with tempfile.TemporaryDirectory(prefix="normswap-torch-") as tmp:
         ref_path, cand_path = Path(tmp) / "original.onnx", Path(tmp) / "converted.onnx"
-        names, ref_exporter = export(original, args, ref_path)
-        _, cand_exporter = export(converted, args, cand_path)
+        exported: dict[str, np.ndarray] = {}
+        names, ref_exporter = export(original, args, ref_path, output_count=len(eager[0]) if eager else None)
+        _, cand_exporter = export(converted, args, cand_path, output_count=len(eager[1]) if eager else None,
+                                  ran=exported)
         feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
         ref_model, cand_model = onnx.load(str(ref_path)), onnx.load(str(cand_path))
         reference64 = (_module_reference(original, names, [o.name for o in ref_model.graph.output])
@@ -149,43 +159,69 @@ def validate_modules(original: nn.Module, converted: nn.Module, args: tuple[torc
                                      min_agreement=min_agreement, float64_reference=reference64, task=task)
         comparison.inputs = source
         comparison.exported_with = f"original: {ref_exporter}, converted: {cand_exporter}"
-        deployable = _eager_vs_onnx(converted, args, cand_model, feeds, comparison.providers, atol, rtol, source)
+        deployable = _eager_vs_onnx(converted, args, cand_model, feeds, comparison.providers, atol, rtol, source,
+                                    eager[1] if eager else None, exported)
         deployable.exported_with = cand_exporter
     return comparison, deployable
 
 
 def _eager_vs_onnx(module: nn.Module, args, model: onnx.ModelProto, feeds, providers, atol, rtol,
-                   source: str) -> ValidationReport:
+                   source: str, eager_outputs: list[torch.Tensor] | None = None,
+                   exported: dict[str, np.ndarray] | None = None) -> ValidationReport:
+    """The module in eager PyTorch against its ONNX export in onnxruntime on ``providers``, judged by the noise
+    floor of a float64 copy of the module on the first ``FLOAT64_SAMPLES`` samples (as exact validation judges).
+    ``eager_outputs`` / ``exported``: the two runs when already done (the export's CPU check run serves when
+    ``providers`` is the CPU alone)."""
     from ..onnx.activations import Activations
+    from ..validate.float64 import FLOAT64_SAMPLES
+    from ..validate.providers import CPU
     from ..validate.runner import OPTIMIZATION
-    training = module.training
-    module.eval()
-    try:
-        eager_outputs = _outputs(module, args)
-    finally:
-        module.train(training)
-    with tempfile.TemporaryDirectory() as tmp:
-        run = Activations(model, [], tuple(providers), tmp, "exported")
-        got = run.run(feeds, run.outputs)
+    if eager_outputs is None:
+        training = module.training
+        module.eval()
+        try:
+            eager_outputs = _outputs(module, args)
+        finally:
+            module.train(training)
+    names = [o.name for o in model.graph.output]
+    if list(providers) == [CPU] and exported and all(n in exported for n in names):
+        got, ran = exported, [CPU]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = Activations(model, [], tuple(providers), tmp, "exported")
+            got, ran, names = run.run(feeds, run.outputs), run.providers, run.outputs
     noise_rule = atol is None and rtol is None
-    exact64 = float64_outputs(module, args) if noise_rule else None
+    samples = len(args[0]) if args and args[0].ndim else 0
+    few = min(samples, FLOAT64_SAMPLES)
+    batch_major = few < samples and all(a.ndim and len(a) == samples for a in args) and all(
+        o.ndim and len(o) == samples for o in eager_outputs)
+    exact64 = None
+    if noise_rule:
+        exact64 = float64_outputs(module, tuple(a[:few] for a in args) if batch_major else args)
+        if batch_major and exact64 is not None and any(np.ndim(v) == 0 or len(v) != few for v in exact64):
+            exact64 = float64_outputs(module, args)  # an output that is not per sample: all samples
+            batch_major = False
     level = yardstick_limit(model)
-    outputs = []
-    for k, (name, value) in enumerate(zip(run.outputs, eager_outputs)):
+    outputs, stats_kept = [], []
+    for k, (name, value) in enumerate(zip(names, eager_outputs)):
         stats = OutputStats(name, DEFAULT_ATOL if atol is None else atol, DEFAULT_RTOL if rtol is None else rtol)
         # the module's kernels and onnxruntime's round independently: the export's own error is bounded by the
         # model's float32 level, not by a multiple of eager's (which may happen to round almost exactly)
         stats.float32_level, stats.independent_kernels = level, True
-        eager, exported = value.detach().cpu().numpy(), np.asarray(got[name])
-        stats.add(eager, exported)
+        eager, onnx_value = value.detach().cpu().numpy(), np.asarray(got[name])
+        stats.add(eager, onnx_value)
         if exact64 is not None:
-            stats.add_float64(eager, exported, exact64[k])
+            cut = (lambda v: v[:few]) if batch_major else (lambda v: v)
+            stats.add_float64(cut(eager), cut(onnx_value), exact64[k])
+        stats_kept.append(stats)
         outputs.append(stats.result())
-    report = ValidationReport("exact", list(run.providers), "same", OPTIMIZATION,
+    report = ValidationReport("exact", list(ran), "same", OPTIMIZATION,
                               DEFAULT_ATOL if atol is None else atol, DEFAULT_RTOL if rtol is None else rtol, source,
                               outputs)
     if exact64 is not None:
-        report.rule, report.float64_reference = "noise floor", "torch (float64 copy of the module)"
+        judged = max((o.f64_samples for o in stats_kept), default=0)
+        report.rule = "noise floor"
+        report.float64_reference = f"torch (float64 copy of the module), {judged} sample(s)"
     elif noise_rule:
         report.rule_note = "the module cannot run in float64: judged elementwise within atol/rtol"
     return report

@@ -91,7 +91,7 @@ def test_validation_that_cannot_run_exits_4_and_keeps_the_converted_module(workd
 
     import normswap.torch.validate as tv
     from normswap.cli import main
-    monkeypatch.setattr(tv, "_runtime_problem", lambda path, args: "Conv: bias must be a 1D tensor")
+    monkeypatch.setattr(tv, "_runtime_problem", lambda path, args, ran=None: "Conv: bias must be a 1D tensor")
     monkeypatch.chdir(workdir)
     monkeypatch.syspath_prepend(str(workdir))
     r = CliRunner().invoke(main, ["convert", "--torch-model", "factory_net:build", "--weights", "w.safetensors",

@@ -103,3 +103,63 @@ def test_conversion_fidelity_is_validated_in_onnx_runtime():
     exact = normswap.convert(net, to="fold", example_inputs=x)
     assert exact.report.passed and exact.report.validation.check == "exact"
     assert exact.report.to_dict()["frontend"] == "torch"
+
+
+class _ConvBN(nn.Module):
+    """conv-BN whose output is per sample, or (``per_sample=False``) the mean over the batch."""
+
+    def __init__(self, per_sample: bool = True):
+        super().__init__()
+        self.body, self.per_sample = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3)), per_sample
+
+    def forward(self, x):
+        y = self.body(x)
+        return y if self.per_sample else y.mean(0)
+
+
+def test_the_deployable_check_runs_float64_on_the_first_samples_only():
+    from normswap.validate.float64 import FLOAT64_SAMPLES
+    torch.manual_seed(0)
+    net = randomize_bn(_ConvBN(), 0)
+    x = torch.randn(40, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    r = normswap.convert(net, to="group", calibration=x, refine=False)
+    d = r.report.deployable
+    assert d.passed and d.rule == "noise floor" and f"{FLOAT64_SAMPLES} sample(s)" in d.float64_reference
+    assert d.outputs[0].original_error < 1e-5  # eager float32 against float64 on the same samples
+    assert d.outputs[0].shape[0] == 40  # the float32 comparison still covers every sample
+
+
+def test_an_output_that_is_not_per_sample_is_judged_in_float64_on_every_sample():
+    torch.manual_seed(0)
+    net = randomize_bn(_ConvBN(per_sample=False), 0)
+    x = torch.randn(40, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    r = normswap.convert(net, to="group", calibration=x, refine=False)
+    d = r.report.deployable
+    assert d.passed and d.rule == "noise floor"
+    # the eager float32 mean is at float32 rounding of the float64 one over the same 40 samples (a float64 mean
+    # over the first 4 would be off by the spread of the samples)
+    assert d.outputs[0].original_error < 1e-5
+
+
+def test_the_deployable_check_reuses_the_exports_cpu_run(monkeypatch, tmp_path):
+    import onnx
+
+    import normswap.onnx.activations as activations
+    from normswap.torch.validate import _eager_vs_onnx, export
+    labels = []
+
+    class Counted(activations.Activations):
+        def __init__(self, model, names, providers, workdir, label):
+            labels.append(label)
+            super().__init__(model, names, providers, workdir, label)
+    monkeypatch.setattr(activations, "Activations", Counted)
+    torch.manual_seed(0)
+    net = randomize_bn(_ConvBN(), 0)
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    r = normswap.convert(net, to="group", calibration=x, refine=False, provider="cpu")
+    assert r.report.deployable.passed and r.report.deployable.providers == ["CPUExecutionProvider"]
+    assert "reference" in labels and "exported" not in labels  # the export's own check run was compared
+    export(r.model, (x,), tmp_path / "c.onnx")
+    again = _eager_vs_onnx(r.model.eval(), (x,), onnx.load(str(tmp_path / "c.onnx")), {"x": x.numpy()},
+                           ["CPUExecutionProvider"], None, None, "given inputs")
+    assert again.passed and "exported" in labels  # without the export's outputs it runs the export itself

@@ -310,7 +310,7 @@ def test_an_export_onnxruntime_cannot_run_is_retried_with_the_other_exporter(mon
 
 def test_when_no_export_runs_the_conversion_is_kept_and_validation_says_why(monkeypatch, tmp_path):
     import normswap.torch.validate as tv
-    monkeypatch.setattr(tv, "_runtime_problem", lambda path, args: "Conv: bias must be a 1D tensor")
+    monkeypatch.setattr(tv, "_runtime_problem", lambda path, args, ran=None: "Conv: bias must be a 1D tensor")
     r = normswap.convert(_conv_bn(nn.BatchNorm2d(8)), to="fold", example_inputs=X)
     assert r.report.validation is None and r.report.passed is None
     assert "validation could not run" in r.report.validation_error and "bias must be a 1D tensor" in \
