@@ -38,8 +38,10 @@ MEASURED = [
     "| idle onnxruntime threads no longer spin between short runs | 6.0x | 8-10x | 8.1x | 4.7x |",
     "| IO binding: values stay OrtValues between segments (no numpy copies) | 5.0x | 8.3x | 6.0x | 5.5x |",
     "| segment sessions without a memory arena (peak memory halved on resnet50) | 4.2x | 8.4x | 6.7x | 5.5x |",
-    "| arena back on, kept values copied out of it; constant nodes inside each segment (2026-12-01) | see table "
-    "| | | |",
+    "| arena back on, kept values copied out of it; constant nodes inside each segment (2026-12-01) | 4.0x | 7.9x "
+    "| 4.9x | 3.5x |",
+    "| one CPU arena shared by every segment session (2026-12-01 night), same process, private -> shared, "
+    "seconds | - | 3.8-4.7 -> 2.9-3.6 | 10.3 / 9.9 -> 8.4 / 8.1 | 41.6 / 42.5 -> 27.6 / 28.3 (64 samples) |",
     "",
     "Also measured and not kept: onnxruntime graph optimization level for the segment sessions (all / extended "
     "/ basic: no difference beyond noise); calibration batch 8 / 16 / 32 / 64 (no trend on mobilenet_v2 or "
@@ -50,11 +52,13 @@ MEASURED = [
     "sweep makes only one more level exact, so two sweeps already exceed 4x without matching the sequential fit.",
     "",
     "What is left above the floor of one forward pass of each model: a session per segment and model (3-7 ms to "
-    "create each: 0.3-1.3 s for 53-122 segments), the first (cold) run of every session, fusions the cuts prevent "
+    "create each: 0.3-1.3 s for 53-122 segments), the first (cold) run of every session (its arena's memory, "
+    "since 2026-12-01 night, shared with the sessions before it), fusions the cuts prevent "
     "(Conv+BN+Relu and Add+Relu across a segment boundary), and, for `--to group` with G chosen by fit, solving "
-    "every candidate group count (0.4-0.9 s here). On these 2-core CPUs that is 5-8x one forward pass for the "
-    "small ONNX models over 64 samples and about 5x for resnet50 over 256 samples. The PyTorch path, whose "
-    "segments cost no session, stays at 3-5x; there, reducing the sums in float64 made resnet50 1.5x slower "
+    "every candidate group count (0.4-0.9 s here). On these 2-core CPUs that is 4-7x one forward pass for the "
+    "small ONNX models over 64 samples and about 4-5x for resnet50 over 256 samples (the yardstick itself "
+    "moved from 41 s to 25 s between two runs of this table). The PyTorch path, whose "
+    "segments cost no session, stays at 2.4-3x; there, reducing the sums in float64 made resnet50 1.5x slower "
     "for no change in the fit, so they are float32 after centring.", "",
     "GPU: `benchmarks/device_check.py` (resnet50 and mobilenet_v2, 256 samples at 224x224, calibration and fold "
     "exactness on the GPU) has not run yet: the session that built it was not lent a device. Its CPU run "

@@ -38,6 +38,7 @@ from .graph import overwrite_initializer
 from .io import load_model, opset_of
 from .refit_head import Head, find_head, refit_head
 from .segments import Plan, Segment, plan_segments, segment_model
+from . import shared_arena
 from ..activation_store import DEFAULT_MEMORY_BUDGET, ActivationStore, peak_rss
 
 DEFAULT_BATCH_SIZE = 64
@@ -114,7 +115,7 @@ class _Runner:
 
     def session(self, model: onnx.ModelProto, s: int):
         from ..validate.runner import make_session
-        return make_session(model, self.providers, self.workdir, f"{self.tag}-{s}", optimize=True)
+        return make_session(model, self.providers, self.workdir, f"{self.tag}-{s}", optimize=True, shared_arena=True)
 
     def run(self, session, model: onnx.ModelProto, batch: int, data: Mapping[str, np.ndarray],
             extra: Mapping[str, object], wanted: list[str]) -> dict[str, object]:
@@ -260,9 +261,12 @@ def calibrate_many(reference: onnx.ModelProto | Path, jobs: list[CalibrationJob]
         alone = [k for k in range(len(cands)) if k not in shared]
         groups = [shared] + [[k] for k in alone]
         setup = time.perf_counter() - start
-        for members in groups:
-            _run(ref_model, [cands[k] for k in members], [plans[k] for k in members], layout, data, providers,
-                 workdir, memory_budget, progress, setup)
+        try:
+            for members in groups:
+                _run(ref_model, [cands[k] for k in members], [plans[k] for k in members], layout, data, providers,
+                     workdir, memory_budget, progress, setup)
+        finally:
+            shared_arena.release()
     rss = peak_rss()
     for k, c in enumerate(cands):
         c.report.batch_size, c.report.batch_layout = layout.rows or (samples or 0), layout.note

@@ -30,13 +30,14 @@ VALIDATION_BATCH = 256  # samples per run: bounds memory on large --inputs files
 
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, providers: tuple[str, ...], workdir: str, label: str,
-                 optimize: bool = False, lean: bool | None = None):
+                 optimize: bool = False, lean: bool | None = None, shared_arena: bool = False):
     """An onnxruntime session; graph optimizations disabled unless ``optimize`` (calibration, where speed matters
     and onnxruntime's fusions change nothing that is compared; latency). ``lean`` (default: ``optimize``): no
     spinning threads, for the many short runs of calibration with Python work between them; off for timing.
     The CPU memory arena stays on: without it every large intermediate is a fresh mmap and its page faults (the
     PP-OCRv4 detector's main segment at 736x736 ran 7.0 s instead of 3.7 s). Values kept after a session ends
-    must then be copied out of its arena (``onnx.calibrate`` does), or they pin it."""
+    must then be copied out of its arena (``onnx.calibrate`` does), or they pin it. ``shared_arena``: the CPU
+    arena is the process-wide one of ``onnx.shared_arena`` (calibration's many short-lived segment sessions)."""
     import onnxruntime as ort
     from ..onnx.io import has_bound_data, needs_external_data, save_model
     options = ort.SessionOptions()
@@ -45,6 +46,9 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, providers: tuple[st
     options.log_severity_level = ORT_SILENT
     if optimize if lean is None else lean:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not spin
+    if shared_arena:
+        from ..onnx import shared_arena as arena
+        arena.use(options)
     if isinstance(model, (str, os.PathLike)):  # a file normswap loaded and checked: onnxruntime reads it again
         source = str(model)
     elif has_bound_data(model) or needs_external_data(model):

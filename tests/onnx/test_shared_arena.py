@@ -1,0 +1,58 @@
+"""Calibration's segment sessions share one CPU arena (normswap/onnx/shared_arena.py): same fit, private arenas
+when the shared one cannot be had."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from normswap.onnx import shared_arena
+from normswap.onnx.calibrate import calibrate
+from normswap.validate.providers import CPU
+from tests.onnx.test_calibrate import MODEL, _converted
+
+
+@pytest.fixture
+def fresh_arena_state(monkeypatch):
+    """Each test decides registration anew (the process-wide registration itself cannot be undone)."""
+    monkeypatch.setattr(shared_arena, "_STATE", {})
+
+
+def _calibrated(x):
+    ref, conv, norms = _converted("group")
+    calibrate(ref, conv, norms, {"x": x}, (CPU,), refit_output_layer=False)
+    return {t.name: onnx.numpy_helper.to_array(t) for t in conv.graph.initializer}
+
+
+def test_sessions_ask_for_the_shared_arena_when_it_is_registered(monkeypatch, fresh_arena_state):
+    calls = []
+    monkeypatch.setattr(ort, "create_and_register_allocator", lambda *a: calls.append(a))
+    options = ort.SessionOptions()
+    shared_arena.use(options)
+    assert calls and options.get_session_config_entry("session.use_env_allocators") == "1"
+    shared_arena.use(ort.SessionOptions())
+    assert len(calls) == 1  # registered once per process
+
+
+def test_without_the_shared_arena_sessions_keep_private_ones(monkeypatch, fresh_arena_state):
+    def refuse(*args):
+        raise RuntimeError("an allocator for this device is already registered")
+    monkeypatch.setattr(ort, "create_and_register_allocator", refuse)
+    options = ort.SessionOptions()
+    shared_arena.use(options)
+    assert not shared_arena.available()
+    with pytest.raises(Exception):  # the entry was never set
+        options.get_session_config_entry("session.use_env_allocators")
+    shared_arena.release()  # nothing to release: no error
+
+
+def test_the_shared_arena_does_not_change_the_fit(monkeypatch):
+    x = np.load(MODEL.parent / "digits_heldout.npz")["x"][:120]
+    shared = _calibrated(x)
+    assert shared_arena.available()  # this process registered it (or the test proves nothing)
+    monkeypatch.setattr(shared_arena, "_STATE", {"registered": False})
+    private = _calibrated(x)
+    assert shared.keys() == private.keys()
+    for name in shared:
+        np.testing.assert_array_equal(shared[name], private[name], err_msg=name)
+    unfitted = {t.name: onnx.numpy_helper.to_array(t) for t in _converted("group")[1].graph.initializer}
+    assert any(not np.array_equal(unfitted[n], shared[n]) for n in shared)  # calibration did change something
