@@ -442,13 +442,14 @@ def _calibration_data(calibration: Inputs, model: onnx.ModelProto) -> dict[str, 
 
 def validate_models_checked(reference: onnx.ModelProto | Path, candidate: onnx.ModelProto,
                             options: ValidationOptions, *, check: str = "exact", layer_outputs: tuple[str, ...] = (),
-                            progress: Progress | None = None) -> ValidationReport:
+                            progress: Progress | None = None, reference_runs: dict | None = None
+                            ) -> ValidationReport:
     from .validate.runner import validate_models
     o = options.check()
     return validate_models(reference, candidate, provider=o.provider, inputs=o.inputs, input_shapes=o.input_shapes,
                            atol=o.atol, rtol=o.rtol, seed=o.seed, check=check, min_cosine=o.min_cosine,
                            min_agreement=o.min_agreement, layer_outputs=layer_outputs, progress=progress,
-                           task=o.task)
+                           task=o.task, reference_runs=reference_runs)
 
 
 def validate(reference: ModelLike, candidate: ModelLike, *, provider: str = "auto", inputs: Inputs = None,

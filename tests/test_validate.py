@@ -335,3 +335,49 @@ def test_with_calibration_data_and_no_inputs_validation_runs_on_a_held_aside_sli
     with_inputs = normswap.convert(model, to="layer", calibration={"x": x}, inputs={"x": x[:8]}, progress=False,
                                    refine=False)
     assert with_inputs.report.calibration.samples == 40 and with_inputs.report.validation.inputs == "given arrays"
+
+
+def _counting_reference_runs(monkeypatch) -> list[int]:
+    import normswap.onnx.activations as activations
+    runs = []
+    real = activations.Activations.run
+
+    def run(self, feeds, names):
+        if self.label == "reference":
+            runs.append(len(next(iter(feeds.values()))))
+        return real(self, feeds, names)
+    monkeypatch.setattr(activations.Activations, "run", run)
+    return runs
+
+
+def test_kept_reference_runs_are_read_instead_of_running_the_reference_again(monkeypatch):
+    from normswap.validate.runner import validate_models
+    fixtures = Path(__file__).parent.parent / "fixtures"
+    ref = onnx.load(str(fixtures / "digits_resnet.onnx"))
+    cand = normswap.convert(ref, to="layer", validate=False).model
+    x = {"x": np.load(fixtures / "digits_heldout.npz")["x"][:50]}
+    runs = _counting_reference_runs(monkeypatch)
+    kept: dict = {}
+    first = validate_models(ref, cand, inputs=x, check="fidelity", reference_runs=kept, batch_size=20)
+    assert runs == [20, 20, 10] and sorted(kept) == [1, 2, 3]
+    again = validate_models(ref, cand, inputs=x, check="fidelity", reference_runs=kept, batch_size=20)
+    assert runs == [20, 20, 10]  # read, not run
+    assert again.outputs[0].cosine == first.outputs[0].cosine and again.agreement == first.agreement
+    fresh = validate_models(ref, cand, inputs=x, check="fidelity", batch_size=20)
+    assert runs == [20, 20, 10] * 2 and fresh.outputs[0].cosine == first.outputs[0].cosine
+
+
+def test_kept_reference_runs_without_a_value_asked_for_run_the_reference(monkeypatch):
+    from normswap.validate.runner import validate_models
+    fixtures = Path(__file__).parent.parent / "fixtures"
+    ref = onnx.load(str(fixtures / "digits_resnet.onnx"))
+    conversion = normswap.convert(ref, to="layer", validate=False)
+    x = {"x": np.load(fixtures / "digits_heldout.npz")["x"][:30]}
+    runs = _counting_reference_runs(monkeypatch)
+    kept: dict = {}
+    validate_models(ref, conversion.model, inputs=x, check="fidelity", reference_runs=kept)
+    layer = conversion.report.layers[0].name
+    value = next(n.output[0] for n in ref.graph.node if n.name == layer)
+    report = validate_models(ref, conversion.model, inputs=x, check="fidelity", reference_runs=kept,
+                             layer_outputs=(value,))
+    assert runs == [30, 30] and value in report.layer_cosine  # the kept run lacked the layer's value

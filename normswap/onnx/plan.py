@@ -100,12 +100,15 @@ class _Judge:
         self.reference = reference
         self.validation = replace(validation, min_cosine=None, min_agreement=None, atol=None, rtol=None)
         self.measure: str | None = None
+        self.runs: dict[int, tuple[Mapping, dict]] = {}  # id(feeds) -> (feeds, the original's outputs on them)
 
     def __call__(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> tuple[float, int]:
-        """(agreement, samples judged)."""
+        """(agreement, samples judged). The original runs once per set of samples: every candidate is judged on
+        the same folds, so its outputs there are kept and reused."""
         from ..api import validate_models_checked
+        kept = self.runs.setdefault(id(feeds), (feeds, {}))  # holding ``feeds`` keeps its id unique
         report = validate_models_checked(self.reference, model, replace(self.validation, inputs=feeds),
-                                         check="fidelity")
+                                         check="fidelity", reference_runs=kept[1])
         if report.agreement is None:
             raise UsageError(f"{option('agreement_floor')} needs a task agreement, and no measure applies to the "
                              "model's outputs (top-1, sequence, per-pixel, map IoU); pass a task metric (Python "

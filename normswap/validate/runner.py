@@ -94,7 +94,7 @@ def validate_models(reference: onnx.ModelProto | str | os.PathLike, candidate: o
                     min_cosine: float | None = None, min_agreement: float | None = None,
                     layer_outputs: tuple[str, ...] = (), batch_size: int = VALIDATION_BATCH,
                     progress=None, float64_reference: tuple[Float64Reference, str] | None = None,
-                    task: TaskMeasure = TaskMeasure()) -> ValidationReport:
+                    task: TaskMeasure = TaskMeasure(), reference_runs: dict | None = None) -> ValidationReport:
     """Run both models on the same inputs (in batches) and compare every output of the reference by name.
 
     ``check="exact"`` judges each output against the float64 evaluation of the original (``float64_reference``,
@@ -104,12 +104,13 @@ def validate_models(reference: onnx.ModelProto | str | os.PathLike, candidate: o
     of the agreement measures, and the user's own task metric, which then decides ``min_agreement``.
     ``layer_outputs`` are intermediate values present in both models (a replaced BN keeps its output name):
     their cosine similarity is reported as per-layer drift. ``reference`` may be the path of the unmodified
-    original (then the inputs are read off the candidate, which has the same ones).
+    original (then the inputs are read off the candidate, which has the same ones). ``reference_runs``: see
+    ``validate_many``.
     """
     return validate_many(reference, [Candidate(candidate, check, layer_outputs, min_cosine, min_agreement)],
                          provider=provider, inputs=inputs, input_shapes=input_shapes, atol=atol, rtol=rtol,
                          seed=seed, batch_size=batch_size, progress=progress,
-                         float64_reference=float64_reference, task=task)[0]
+                         float64_reference=float64_reference, task=task, reference_runs=reference_runs)[0]
 
 
 def validate_many(reference: onnx.ModelProto | str | os.PathLike, candidates: list[Candidate], *,
@@ -117,9 +118,12 @@ def validate_many(reference: onnx.ModelProto | str | os.PathLike, candidates: li
                   input_shapes: Mapping[str, tuple[int, ...]] | None = None, atol: float | None = None,
                   rtol: float | None = None, seed: int = 0, batch_size: int = VALIDATION_BATCH, progress=None,
                   float64_reference: tuple[Float64Reference, str] | None = None,
-                  task: TaskMeasure = TaskMeasure()) -> list[ValidationReport]:
+                  task: TaskMeasure = TaskMeasure(), reference_runs: dict | None = None) -> list[ValidationReport]:
     """``validate_models`` for several candidates of one reference: the reference runs once per batch (and is
-    evaluated in float64 once) for all of them; one report per candidate, in order."""
+    evaluated in float64 once) for all of them; one report per candidate, in order. ``reference_runs``: a dict
+    the caller keeps for one reference and one set of inputs across calls (the agreement-floor plan judges many
+    candidates on the same samples): the first call stores the reference's outputs of each batch in it, later
+    calls read them instead of running the reference again."""
     from ..onnx.activations import Activations, upload
     from ..onnx.batching import fixed_layout, iter_layout, layout_count
     choice = select_providers(provider)
@@ -163,7 +167,12 @@ def validate_many(reference: onnx.ModelProto | str | os.PathLike, candidates: li
         kept: list[dict[str, list[np.ndarray]]] = [{n: [] for n in out_names} for _ in range(len(candidates) + 1)]
         for k, (batch, valid) in enumerate(iter_layout(feeds, layout), start=1):
             on_device = upload(batch, ref.device)  # one upload per batch serves every model
-            r = ref.run(on_device, list(dict.fromkeys(out_names + layer_outputs)))
+            wanted = list(dict.fromkeys(out_names + layer_outputs))
+            r = reference_runs.get(k) if reference_runs is not None else None
+            if r is None or any(n not in r for n in wanted):
+                r = ref.run(on_device, wanted)
+                if reference_runs is not None:
+                    reference_runs[k] = {n: np.asarray(v) for n, v in r.items()}
             outs = [cand.run(on_device, list(st)) for cand, st in zip(cands, stats)]
             if progress:
                 progress(k, runs, "validating")

@@ -197,3 +197,19 @@ def test_too_few_samples_to_split_are_judged_on_the_calibration_data():
     plan = normswap.convert(MODEL, to="layer", calibration={"x": X[:2 * MIN_FOLD - 2]}, inputs={"x": X[280:]},
                             agreement_floor=0.5, refine=False, progress=False).report.plan
     assert plan.judged == "on the calibration data"
+
+
+def test_the_original_runs_once_per_fold_however_many_candidates_are_judged(monkeypatch):
+    import normswap.onnx.activations as activations
+    folds = []
+    real = activations.Activations.run
+
+    def run(self, feeds, names):
+        if self.label == "reference" and len(next(iter(feeds.values()))) == 140:  # a fold of the 280 samples
+            folds.append(id(self))
+        return real(self, feeds, names)
+    monkeypatch.setattr(activations.Activations, "run", run)
+    plan = _plan("instance", 0.9).report.plan
+    judged = [t for t in plan.tried if not t["refined"]]
+    assert len(judged) >= 3  # two folds each, so 6 or more judgements
+    assert len(folds) == 2  # the original's outputs on each fold were kept and read back
