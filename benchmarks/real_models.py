@@ -430,7 +430,9 @@ FIDELITY_FINDINGS = (
     "frames). The detector's 2-of-3 plan judged 0.990 on 128 pages -- at the floor, not above it by a standard "
     "error -- and measured 0.993 held out; with the bound it is not chosen. With the full swap no longer "
     "refined when refinement's held-out slice cannot show the floor, the recognizer's plan took 5.2 minutes "
-    "(was 10.9) and the detector's 1.6 (was 14.1).",
+    "(was 10.9) and the detector's 1.6 (was 14.1); with the original run once per fold for every candidate "
+    "judged (2026-12-01 night) 4.0 and 1.3 minutes (plan rows re-measured then; the one-forward-pass figure of "
+    "each model's heading is that run's, the other rows' multiples their own runs').",
     "- torchcrepe tiny (PyTorch; its `forward(x, embed=False)` traces since defaulted arguments are bound, issue "
     "21): group auto keeps 0.946 of the voiced frames within 50 cents and layer 0.952 calibrated; with 0.15 held "
     "out refinement never beat calibration on its 36-frame slice, which already agreed 1.000; with 0.3 (85 "

@@ -115,7 +115,9 @@ class _Runner:
 
     def session(self, model: onnx.ModelProto, s: int):
         from ..validate.runner import make_session
-        return make_session(model, self.providers, self.workdir, f"{self.tag}-{s}", optimize=True, shared_arena=True)
+        # the shared arena is a CPU one, measured on the CPU; a GPU session keeps its own allocators
+        return make_session(model, self.providers, self.workdir, f"{self.tag}-{s}", optimize=True,
+                            shared_arena=self.device == "cpu")
 
     def run(self, session, model: onnx.ModelProto, batch: int, data: Mapping[str, np.ndarray],
             extra: Mapping[str, object], wanted: list[str]) -> dict[str, object]:

@@ -12,7 +12,8 @@ calibrations each (``--to group``, groups by fit): the PP-OCR text classifier (2
 The arena outlives every session, so ``release`` shrinks it afterwards (a run with
 ``memory.enable_memory_arena_shrinkage``): the memory left resident after mobilenet_v2's calibration went from
 692 MB back to 420 MB (386 MB with private arenas). Only sessions that ask for it use the shared arena; a user's
-own sessions in the same process are unaffected. Where it cannot be registered (the process already has one,
+own sessions in the same process are unaffected, and calibration on a GPU keeps each session's own allocators
+(its values stay in device memory; the shared arena was measured on the CPU only). Where it cannot be registered (the process already has one,
 someone else's, or an onnxruntime without the call) sessions keep private arenas.
 """
 from __future__ import annotations

@@ -56,3 +56,14 @@ def test_the_shared_arena_does_not_change_the_fit(monkeypatch):
         np.testing.assert_array_equal(shared[name], private[name], err_msg=name)
     unfitted = {t.name: onnx.numpy_helper.to_array(t) for t in _converted("group")[1].graph.initializer}
     assert any(not np.array_equal(unfitted[n], shared[n]) for n in shared)  # calibration did change something
+
+
+@pytest.mark.parametrize("providers,shared", [(("CPUExecutionProvider",), True),
+                                              (("CUDAExecutionProvider", "CPUExecutionProvider"), False)])
+def test_only_cpu_calibration_sessions_use_the_shared_arena(monkeypatch, providers, shared):
+    import normswap.onnx.calibrate as calibration
+    from normswap.validate import runner
+    asked = {}
+    monkeypatch.setattr(runner, "make_session", lambda *a, **k: asked.update(k))
+    calibration._Runner(onnx.ModelProto(), None, "c0", None, providers, "/tmp", False, None).session(None, 0)
+    assert asked["shared_arena"] is shared and asked["optimize"] is True
