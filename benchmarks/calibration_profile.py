@@ -148,14 +148,18 @@ FINDINGS = (
     "moments per layer: about eight passes over each new layer's input and target) and the converted model's "
     "own GroupNorms. The classifier's row is noisy on this shared machine: three profiles the same evening "
     "gave 5.0x, 6.7x and 5.7x (the table shows the run that measured all three models).",
-    "- Measured and not kept (2026-12-01 night), on the classifier: (1) the fit sums are not the cost -- the "
-    "converted model run whole with every layer's sums appended took 0.38-0.44 s for 256 lines against 0.41-0.53 s "
-    "without them; the cost is the cut: the converted model's segment runs average 10.5 ms a run against about "
-    "2.9 ms for the same nodes inside the whole model (the original's 4.6 ms), first runs only 1.3x later ones; "
-    "(2) one intra-op thread per segment session (no thread wake-ups): 3.8-5.3 s against 2.6-2.9 s; (3) ONNX "
+    "- Measured and not kept (2026-12-01 night), on the classifier: (1) where the converted segments' time "
+    "goes, by onnxruntime's own profile of the 35 segments (warm, one batch of 64): 0.31 s, of which the fit "
+    "sums' nodes (centring Sub, Mul, ReduceSum, ReduceSumSquare) about 0.15 s, InstanceNormalization 0.05 s, "
+    "the NCHWc reorders at segment boundaries 0.04 s and the convolutions 0.03 s; the same segments run warm "
+    "and repeated cost what they cost inside calibration (1.39 s against 1.53 s for 4 batches), so the first "
+    "run is not it. The fit sums are the largest part to remove: about eight passes over each new layer's input "
+    "and target. (2) one intra-op thread per segment session (no thread wake-ups): 3.8-5.3 s against 2.6-2.9 "
+    "s; (3) ONNX "
     "calibration through the torch executor would start behind: its forward pass of the classifier alone is "
     "3.9-5.1x onnxruntime's (0.67 s against 2.7-3.4 s for 256 lines), of the mobilenet_v2 export 4.8-6.7x. Left: "
-    "fits computed inside one run, the calibration set as one batch, which removes the cut.",
+    "sums in fewer passes (the centring and the product fused), and fits computed inside one run, the "
+    "calibration set as one batch, which removes the cut.",
 )
 
 
