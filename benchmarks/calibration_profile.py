@@ -139,7 +139,7 @@ FINDINGS = (
     "segments with their sums (3.3x its whole run) and the converted model's own cost (1.6x the original) are.",
     "- Kept (2026-12-01 night): every segment session takes its CPU memory from one arena registered in "
     "onnxruntime's environment (`normswap/onnx/shared_arena.py`), shrunk when calibration ends. Each segment "
-    "session runs once per batch and its first run used to allocate and page-fault a fresh arena. Three "
+    "session used to allocate an arena of its own from the system and free it when it ended. Three "
     "calibrations each, one process: the classifier 3.57-3.94 s -> 2.86-3.03 s, torchvision mobilenet_v2's "
     "batch-1 export (64 samples at 96x96, 53 segments) 3.83-4.66 s -> 2.94-3.55 s, its peak memory 1068 -> 832 "
     "MB; the fitted parameters bit-identical (tested). Calibration batches 8-64 on the classifier with it: "

@@ -1,8 +1,8 @@
 """One CPU memory arena shared by calibration's segment sessions, released when calibration ends.
 
 Calibration builds a session per segment and model (35-122 of them on real models) and runs each over the data
-once: with a private arena each first run allocates its working memory afresh and page-faults it in, and that
-arena dies with the session. Sessions created with ``session.use_env_allocators`` instead take their CPU
+once: with a private arena each session allocates its working memory afresh from the system, and that arena
+dies with the session. Sessions created with ``session.use_env_allocators`` instead take their CPU
 memory from an arena registered once in onnxruntime's environment (``onnxruntime.create_and_register_allocator``),
 so each segment reuses the memory the previous one already touched. Measured in one process, three
 calibrations each (``--to group``, groups by fit): the PP-OCR text classifier (256 lines, 35 segments)
