@@ -10,7 +10,6 @@ section "## 6. Where calibration time goes" of docs/benchmarks.md. Models come f
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -164,14 +163,8 @@ FINDINGS = (
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(CASES))
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
-    args = parser.parse_args()
-    rows = [profile(key) for key in args.models.split(",")]
-    from benchmarks.real_models import _replace_section
-    _replace_section(Path(args.out), render(rows))
-    print("\n".join(render(rows)))
+    from benchmarks.real_models import section_main
+    section_main("benchmarks.md", CASES, profile, render, __doc__)
 
 
 if __name__ == "__main__":

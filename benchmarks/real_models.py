@@ -482,6 +482,23 @@ def main() -> None:
     print("\n".join(lines))
 
 
+def section_main(doc: str, cases, measure, render, description: str, warm_up: bool = False) -> None:
+    """The command line of a benchmark that measures ``--models`` (comma-separated keys of ``cases``, in order)
+    and replaces its section of ``doc`` (under docs/) with ``render(rows)``; ``warm_up``: measure the first one
+    once before (imports, registries)."""
+    import argparse
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(cases))
+    parser.add_argument("--out", default=str(ROOT / "docs" / doc))
+    args = parser.parse_args()
+    keys = args.models.split(",")
+    if warm_up:
+        measure(keys[0])
+    lines = render([measure(key) for key in keys])
+    _replace_section(Path(args.out), lines)
+    print("\n".join(lines))
+
+
 def _replace_section(doc: Path, section: list[str]) -> None:
     """Put ``section`` (starting with its '## ' heading) in place of the same-titled one of ``doc``, or at its end."""
     text = doc.read_text().splitlines() if doc.exists() else ["# Real trained models", ""]

@@ -10,7 +10,6 @@ Usage: python benchmarks/torch_stages.py [--models resnet18,mobilenet_v2] -- rep
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import time
@@ -113,15 +112,8 @@ FINDINGS = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(CASES))
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
-    args = parser.parse_args()
-    measure(args.models.split(",")[0])  # warm-up: imports, exporter registries
-    rows = [measure(name) for name in args.models.split(",")]
-    from benchmarks.real_models import _replace_section
-    _replace_section(Path(args.out), render(rows))
-    print("\n".join(render(rows)))
+    from benchmarks.real_models import section_main
+    section_main("benchmarks.md", CASES, measure, render, __doc__, warm_up=True)
 
 
 if __name__ == "__main__":

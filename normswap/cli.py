@@ -640,7 +640,7 @@ Examples:
               help="At most this many refinement steps (whichever of the two limits comes first).")
 @click.option("--refine-scope", type=click.Choice(REFINE_SCOPES), default="all", show_default=True,
               help="Refinement trains every parameter (all) or the new layers' scale and shift (norms).")
-@click.option("--refine-holdout", type=float, default=0.3, show_default=True,
+@click.option("--refine-holdout", type=float, default=RefinementOptions.holdout, show_default=True,
               help="Share of the calibration data held aside to keep refinement's best state.")
 @click.option("--agreement-floor", type=float, default=None, metavar="A",
               help="ONNX models, with --calibrate and a replacement target: convert as many BNs as keep the task "

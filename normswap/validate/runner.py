@@ -165,9 +165,9 @@ def validate_many(reference: onnx.ModelProto | str | os.PathLike, candidates: li
         runs = layout_count(feeds, layout)
         started = time.perf_counter()
         kept: list[dict[str, list[np.ndarray]]] = [{n: [] for n in out_names} for _ in range(len(candidates) + 1)]
+        wanted = list(dict.fromkeys(out_names + layer_outputs))
         for k, (batch, valid) in enumerate(iter_layout(feeds, layout), start=1):
             on_device = upload(batch, ref.device)  # one upload per batch serves every model
-            wanted = list(dict.fromkeys(out_names + layer_outputs))
             r = reference_runs.get(k) if reference_runs is not None else None
             if r is None or any(n not in r for n in wanted):
                 r = ref.run(on_device, wanted)
