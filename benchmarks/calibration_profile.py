@@ -1,12 +1,18 @@
-"""Where ONNX calibration time goes, per model (issue 21): one forward pass of the original (onnxruntime,
-optimizations off, batches of 16 -- the issue's yardstick), whole-model forwards of the original and of the
-converted model (optimizations on, as calibration's segment sessions run), and calibration split into the
-original's segment runs, the converted model's segment runs (with the fit sums computed inside them), session
-creation, and the rest (Python: fits, copies, bookkeeping). Same process, same data, one model after another.
+"""Where ONNX calibration time goes, per model (issue 21): one forward pass of the original (the yardstick of
+sections 5 and 6: the PP-OCR models in onnxruntime with optimizations off, batches of 16; the torchvision exports,
+whose batch is fixed to 1, sample by sample with default optimizations), the floors under calibration -- whole-model
+runs at calibration's own batch with optimizations on, as its segment sessions run: the original plus the
+converted model, and the same two carrying what calibration adds (the original keeping every BN output, the
+converted model computing every layer's fit sums from them) -- and calibration split into the original's segment
+runs, the converted model's segment runs (with the fit sums computed inside them), session creation, and the rest
+(Python: fits, copies, bookkeeping). Same process, same data, one model after another.
 
-Usage: python benchmarks/calibration_profile.py [--models ppocr-cls,ppocrv4-rec,ppocrv4-det] -- replaces the
-section "## 6. Where calibration time goes" of docs/benchmarks.md. Models come from benchmarks/real_models.py
-(fetched from their wheels once).
+The second floor is what calibration would cost with no segments at all, in one run of each model (it is then not
+the sequential fit: every layer's sums would be taken before any layer upstream is fitted).
+
+Usage: python benchmarks/calibration_profile.py [--models ppocr-cls,ppocrv4-rec,...] -- replaces the section
+"## 6. Where calibration time goes" of docs/benchmarks.md. PP-OCR models come from benchmarks/real_models.py
+(fetched from their wheels once); torchvision ones need torchvision (pip install torchvision==0.28.0 --no-deps).
 """
 from __future__ import annotations
 
@@ -20,7 +26,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CASES = {"ppocr-cls": (256, 0), "ppocrv4-rec": (256, 0), "ppocrv4-det": (64, 736)}
+CASES = {"ppocr-cls": ("real", 0, 256), "ppocrv4-rec": ("real", 0, 256), "ppocrv4-det": ("real", 736, 64),
+         "mobilenet_v2": ("tv", 96, 64), "densenet121": ("tv", 96, 64), "resnet18": ("tv", 128, 64),
+         "resnet50": ("tv", 224, 64)}
 SECTION = "## 6. Where calibration time goes"
 
 
@@ -39,14 +47,86 @@ def _forward(path: str, x: np.ndarray, optimized: bool, batch: int = 16) -> floa
     return time.perf_counter() - start
 
 
+def model_and_data(key: str, tmp: Path) -> tuple[str, np.ndarray]:
+    """The model file of ``key`` and its calibration samples."""
+    kind, side, n = CASES[key]
+    if kind == "real":
+        from benchmarks.real_models import MODELS, fetch, inputs
+        model = next(m for m in MODELS if m.key == key)
+        return str(fetch(model)), inputs(model, n, seed=1, side=side or 320)["x"]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from zoo import export, randomized
+    torch.manual_seed(0)
+    x = torch.randn(n, 3, side, side).numpy()
+    return str(export(randomized(key), side, tmp / f"{key}.onnx")), x
+
+
+def yardstick(key: str, path: str, x: np.ndarray) -> float:
+    real = CASES[key][0] == "real"
+    return _forward(path, x, optimized=not real, batch=16 if real else 1)
+
+
+def floors(path: str, x: np.ndarray) -> dict:
+    """Warm whole-model runs at calibration's batch (its layout: freed copies of a fixed-batch export), seconds:
+    the original and the converted model, then the original keeping every BN output and the converted model
+    computing every layer's fit sums from them (fed)."""
+    import onnx
+    from normswap.api import _shape_probe
+    from normswap.onnx.batching import choose_layout, iter_layout
+    from normswap.onnx.calibrate import DEFAULT_BATCH_SIZE, TARGET, _bn_means
+    from normswap.onnx.convert import convert_in_place
+    from normswap.onnx.fit_stats import add_fit_stats
+    from normswap.onnx.io import load_model, opset_of
+    from normswap.onnx.segments import Segment, segment_model
+    from normswap.targets import DEFAULT_REPLACE_OPTIONS
+    from normswap.validate.runner import make_session
+    cpu = ("CPUExecutionProvider",)
+    ref = load_model(path).model
+    name = ref.graph.input[0].name
+    data = {name: x}
+    converted = onnx.ModelProto()
+    converted.CopyFrom(ref)
+    norms = convert_in_place(converted, "group", False, DEFAULT_REPLACE_OPTIONS,
+                             _shape_probe(ref, {name: x[:2]}, None, 0, "cpu")).new_norms
+    ys = [n.y for n in norms]
+    with tempfile.TemporaryDirectory() as tmp:
+        layout = choose_layout(ref, data, DEFAULT_BATCH_SIZE, cpu, tmp)
+        batches = [feeds for feeds, _ in iter_layout(data, layout)]
+
+        def whole(model, outputs: list[str]):
+            return segment_model(model, Segment(0, list(model.graph.node), [name], outputs), {}, layout.relaxed,
+                                 layout.reshapes)
+
+        def timed(model, feeds: list[dict], wanted: list[str] | None = None) -> tuple[float, list]:
+            session = make_session(model, cpu, tmp, "floor", optimize=True)
+            session.run(wanted, feeds[0])  # warm
+            start = time.perf_counter()
+            out = [session.run(wanted, f) for f in feeds]
+            return time.perf_counter() - start, out
+
+        outputs = [o.name for o in ref.graph.output]
+        original, _ = timed(whole(ref, outputs), batches)
+        plain, _ = timed(whole(converted, outputs), batches)
+        kept, targets = timed(whole(ref, outputs + ys), batches, ys)
+        sums = whole(converted, outputs)
+        centres = _bn_means(ref, norms)
+        for k, n in enumerate(norms):
+            sums.graph.input.append(onnx.helper.make_tensor_value_info(TARGET + n.y, onnx.TensorProto.FLOAT, None))
+            add_fit_stats(sums.graph, opset_of(sums), x=n.x, target=TARGET + n.y, channels=n.channels, eps=n.eps,
+                          x_center=centres[n.y], y_center=np.zeros(n.channels), channel_norm=n.groups is None,
+                          prefix=f"normswap_fit/{k}", elem_type=n.elem_type)
+        fed = [{**f, **{TARGET + y: t[j] for j, y in enumerate(ys)}} for f, t in zip(batches, targets)]
+        with_sums, _ = timed(sums, fed)
+    return {"original_whole": original, "converted_whole": plain, "original_kept": kept, "converted_sums": with_sums}
+
+
 def profile(key: str) -> dict:
     import normswap
     import normswap.onnx.calibrate as calibrate
-    from benchmarks.real_models import MODELS, fetch, inputs
-    n, side = CASES[key]
-    model = next(m for m in MODELS if m.key == key)
-    path = str(fetch(model))
-    x = inputs(model, n, seed=1, side=side or 320)["x"]
+    tmpdir = tempfile.TemporaryDirectory()
+    path, x = model_and_data(key, Path(tmpdir.name))
+    n, side = len(x), CASES[key][1]
     spent = {"r": 0.0, "c": 0.0, "sessions": 0.0}
     runs, sessions = calibrate._Runner.run, calibrate._Runner.session
 
@@ -75,8 +155,8 @@ def profile(key: str) -> dict:
         result.save(converted)
         row = {"model": key, "samples": n, "side": side, "bns": len(result.report.layers),
                "segments": c.segments, "layout": c.batch_layout, "calibration": c.seconds,
-               "forward_off": _forward(path, x, False), "original_on": _forward(path, x, True),
-               "converted_on": _forward(converted, x, True), **spent}
+               "yardstick": yardstick(key, path, x), **floors(path, x), **spent}
+    tmpdir.cleanup()
     print(row, file=sys.stderr)
     return row
 
@@ -85,21 +165,27 @@ def render(rows: list[dict]) -> list[str]:
     lines = [SECTION, "",
              f"Generated by `python benchmarks/calibration_profile.py` ({time.strftime('%Y-%m-%d')}, 2-core CPU). "
              "`--to group` (groups chosen by fit), calibration alone; seconds, and in brackets multiples of the "
-             "yardstick (one forward pass of the original, onnxruntime with optimizations off, batches of 16). "
-             "'floor' is a whole-model forward of the original plus one of the converted model with optimizations "
-             "on, as calibration's segment sessions run: what calibration costs if it added nothing.", "",
-             "| model | samples | BNs | segments | yardstick | floor | calibration | original's segments | converted's "
-             "segments (with sums) | sessions | rest (Python) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "yardstick (one forward pass of the original: the PP-OCR models in onnxruntime with optimizations "
+             "off, batches of 16; the torchvision exports, batch fixed to 1, sample by sample). The floors are "
+             "warm whole-model runs at calibration's batch with optimizations on, as its segment sessions run: "
+             "'floor' the original plus the converted model -- what calibration costs if it added nothing; "
+             "'floor with sums' the original keeping every BN output plus the converted model computing every "
+             "layer's fit sums -- what it would cost in one run of each model, with no segments (then not the "
+             "sequential fit).", "",
+             "| model | samples | BNs | segments | yardstick | floor | floor with sums | calibration | original's "
+             "segments | converted's segments (with sums) | sessions | rest (Python) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        y = r["forward_off"]
+        y = r["yardstick"]
 
         def cell(v: float) -> str:
             return f"{v:.2f} ({v / y:.1f}x)"
         rest = r["calibration"] - r["r"] - r["c"] - r["sessions"]
         size = f" {r['side']}px" if r["side"] else ""
         lines.append(f"| {r['model']}{size} | {r['samples']} | {r['bns']} | {r['segments']} | {y:.2f} | "
-                     f"{cell(r['original_on'] + r['converted_on'])} | **{cell(r['calibration'])}** | {cell(r['r'])} | "
-                     f"{cell(r['c'])} | {cell(r['sessions'])} | {cell(rest)} |")
+                     f"{cell(r['original_whole'] + r['converted_whole'])} | "
+                     f"{cell(r['original_kept'] + r['converted_sums'])} | **{cell(r['calibration'])}** | "
+                     f"{cell(r['r'])} | {cell(r['c'])} | {cell(r['sessions'])} | {cell(rest)} |")
     return lines + ["", *FINDINGS, ""]
 
 

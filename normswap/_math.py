@@ -264,6 +264,33 @@ class AffineFit:
         return a, b + self.center, np.maximum(sse, 0.0)
 
 
+def unshift_moments(sx: np.ndarray, sxx: np.ndarray, positions: int,
+                    x_center: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Moments of ``x`` from moments of ``x - x_center`` (a per-channel shift), exactly:
+    ``sum x = sx + P c``, ``sum x^2 = sxx + 2 c sx + P c^2`` (``sum x y = sxy + c sy`` is the caller's)."""
+    if x_center is None:
+        return sx, sxx
+    shift = np.asarray(x_center, np.float64).reshape(1, -1)
+    return sx + positions * shift, sxx + 2 * shift * sx + positions * shift * shift
+
+
+def group_normalizer(sx_centred: np.ndarray, sxx_centred: np.ndarray, sx: np.ndarray, sxx: np.ndarray,
+                     positions: int, groups: int, eps: float, precision: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample group mean ``m`` and inverse deviation ``r = 1 / sqrt(v + eps)`` of GroupNorm(x, groups), each
+    repeated to the group's channels ((N, C) each), from the per-channel moments ``sx``, ``sxx`` over ``positions``
+    positions (``*_centred``: the same moments as given, before ``unshift_moments``, which set what the sums
+    resolve). A group whose variance within a sample is below ``precision`` of its mean square as given is
+    constant there: its ``r`` is 0, so its z is 0 exactly."""
+    n, c = sx.shape
+    k = c // groups
+    count = positions * k
+    resolution = precision * sxx_centred.reshape(n, groups, k).sum(2) / count  # what the given sums resolve
+    mean = sx.reshape(n, groups, k).sum(2) / count
+    var = np.maximum(sxx.reshape(n, groups, k).sum(2) / count - mean * mean, 0.0)
+    inverse = np.where(var <= resolution, 0.0, 1.0 / np.sqrt(var + eps))
+    return np.repeat(mean, k, axis=1), np.repeat(inverse, k, axis=1)
+
+
 def group_fit_sums(sx: np.ndarray, sxx: np.ndarray, sxy: np.ndarray, sy: np.ndarray, syy: np.ndarray,
                    positions: int, groups: int, eps: float, x_center: np.ndarray | None = None,
                    precision: float = 1e-12) -> tuple[np.ndarray, ...]:
@@ -275,23 +302,22 @@ def group_fit_sums(sx: np.ndarray, sxx: np.ndarray, sxy: np.ndarray, sy: np.ndar
     (``v`` the population variance over the group's ``k * positions`` values), so per channel
     ``sum z = r (sx - P m)``, ``sum z^2 = r^2 (sxx - 2 m sx + P m^2)``, ``sum z y = r (sxy - m sy)``. Exact
     algebra, in float64. When the moments were taken of ``x - x_center`` (a per-channel shift, so float32 sums
-    do not cancel), they are first shifted back exactly: ``sum x = sx + P c``, ``sum x^2 = sxx + 2 c sx + P c^2``,
-    ``sum x y = sxy + c sy``. ``precision``: the relative precision of the given sums (float32 reductions:
-    ``CONSTANT_CHANNEL``); a group whose variance within a sample is below that fraction of its mean square as
-    given is constant there, and its z is 0 exactly (default: float64 sums)."""
+    do not cancel), they are first shifted back exactly (``unshift_moments``). ``precision``: the relative
+    precision of the given sums (float32 reductions: ``CONSTANT_CHANNEL``); a group whose variance within a
+    sample is below that fraction of its mean square as given is constant there, and its z is 0 exactly
+    (default: float64 sums)."""
     sx, sxx, sxy, sy, syy = (np.asarray(a, np.float64) for a in (sx, sxx, sxy, sy, syy))
-    n, c = sx.shape
-    k = c // groups
-    count = positions * k
-    resolution = precision * sxx.reshape(n, groups, k).sum(2) / count  # what the given sums resolve
-    if x_center is not None:
-        shift = np.asarray(x_center, np.float64).reshape(1, -1)
-        sx, sxx, sxy = sx + positions * shift, sxx + 2 * shift * sx + positions * shift * shift, sxy + shift * sy
-    mean = sx.reshape(n, groups, k).sum(2) / count
-    var = np.maximum(sxx.reshape(n, groups, k).sum(2) / count - mean * mean, 0.0)
-    constant = var <= resolution  # a group constant within a sample normalizes to z = 0 exactly
-    m = np.repeat(mean, k, axis=1)
-    r = np.repeat(np.where(constant, 0.0, 1.0 / np.sqrt(var + eps)), k, axis=1)
+    moments = (sx, sxx, *unshift_moments(sx, sxx, positions, x_center), _unshift_cross(sxy, sy, x_center), sy, syy)
+    return _group_fit_sums(*moments, positions, groups, eps, precision)
+
+
+def _unshift_cross(sxy: np.ndarray, sy: np.ndarray, x_center: np.ndarray | None) -> np.ndarray:
+    return sxy if x_center is None else sxy + np.asarray(x_center, np.float64).reshape(1, -1) * sy
+
+
+def _group_fit_sums(sx_centred, sxx_centred, sx, sxx, sxy, sy, syy, positions: int, groups: int, eps: float,
+                    precision: float) -> tuple[np.ndarray, ...]:
+    m, r = group_normalizer(sx_centred, sxx_centred, sx, sxx, positions, groups, eps, precision)
     sz = (r * (sx - positions * m)).sum(0)
     szz = (r * r * (sxx - 2 * m * sx + positions * m * m)).sum(0)
     szy = (r * (sxy - m * sy)).sum(0)
@@ -384,6 +410,11 @@ class CandidateSums:
     def fits(self) -> dict[int | None, AffineFit]:
         got = {k: np.concatenate(v).astype(np.float64) for k, v in self.rows.items()}
         out = {}
+        moments = None
+        if got and any(g is not None for g in self.candidates):  # shifted back once for every candidate
+            sx, sxx, sxy, sy, syy = (got[k] for k in MOMENTS)
+            moments = (sx, sxx, *unshift_moments(sx, sxx, self.positions, self.x_center),
+                       _unshift_cross(sxy, sy, self.x_center), sy, syy)
         for groups in self.candidates:
             fit = out[groups] = AffineFit(self.channels, self.y_center)
             if not got:
@@ -391,6 +422,6 @@ class CandidateSums:
             if groups is None:
                 fit.add_sums(self.count, *(got[k].sum(0) for k in Z_SUMS))
             else:
-                fit.add_sums(self.count, *group_fit_sums(*(got[k] for k in MOMENTS), self.positions, groups,
-                                                         self.eps, self.x_center, CONSTANT_CHANNEL))
+                fit.add_sums(self.count, *_group_fit_sums(*moments, self.positions, groups, self.eps,
+                                                          CONSTANT_CHANNEL))
         return out

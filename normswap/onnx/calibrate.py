@@ -34,6 +34,7 @@ from .batching import choose_layout, iter_layout, sample_count
 from .convert import NewNorm
 from .external import tensor_array
 from .fit_stats import add_fit_stats
+from .fitted_apply import Apply, affine_inputs, plan_applies, substitute
 from .graph import overwrite_initializer
 from .io import load_model, opset_of
 from .refit_head import Head, find_head, refit_head
@@ -42,7 +43,7 @@ from . import shared_arena
 from ..activation_store import DEFAULT_MEMORY_BUDGET, ActivationStore, peak_rss
 
 DEFAULT_BATCH_SIZE = 64
-COPY_BYTES = 16 << 20  # kept values at least this large leave the session's arena at once (``_Runner.keep``)
+COPY_BYTES = 16 << 20  # with private arenas, kept values this large leave the session's arena (``_Runner.keep``)
 TARGET = "normswap_target::"  # prefix of the original BN outputs fed into a converted segment
 Progress = Callable[[int, int, str], None]
 
@@ -97,20 +98,30 @@ class _Runner:
     """Runs one model segment by segment over all batches, keeping what later segments read in the store."""
 
     def __init__(self, model: onnx.ModelProto, plan: Plan, tag: str, store: ActivationStore,
-                 providers: tuple[str, ...], workdir: str, relaxed: bool, reshapes: dict | None) -> None:
+                 providers: tuple[str, ...], workdir: str, relaxed: bool, reshapes: dict | None,
+                 applies: Mapping[str, Apply] | None = None) -> None:
         self.model, self.plan, self.tag, self.store = model, plan, tag, store
         self.providers, self.workdir, self.relaxed = providers, workdir, relaxed
         self.replacements = reshapes or {}
         self.device = ort_device(providers)
+        self.applies = applies or {}
 
     def key(self, name: str) -> str:
         return f"{self.tag}:{name}"
 
+    def applied_in(self, s: int) -> dict[str, Apply]:
+        """The fitted layers segment ``s`` runs as ``A * x + B`` (``fitted_apply``)."""
+        return {y: a for y, a in self.applies.items() if a.segment == s}
+
     def build(self, segment: Segment, extra_reads: list[str] = ()) -> onnx.ModelProto:
-        reads = segment.reads + [r for r in extra_reads if r not in segment.reads and
-                                 r not in {o for n in segment.nodes for o in n.output}]
+        applied = self.applied_in(segment.index)
+        nodes = substitute(segment.nodes, applied) if applied else segment.nodes
+        fed = [name for a in applied.values() for name in (a.scale, a.shift)]
+        reads = segment.reads + [r for r in [*extra_reads, *fed] if r not in segment.reads and
+                                 r not in {o for n in nodes for o in n.output}]
         dtypes = {r: self.store.dtypes[self.key(r)] for r in reads if self.key(r) in self.store.dtypes}
-        return segment_model(self.model, Segment(segment.index, segment.nodes, reads, segment.writes), dtypes,
+        dtypes.update({name: np.dtype(np.float32) for name in fed})
+        return segment_model(self.model, Segment(segment.index, nodes, reads, segment.writes), dtypes,
                              self.relaxed, self.replacements)
 
     def session(self, model: onnx.ModelProto, s: int):
@@ -144,16 +155,21 @@ class _Runner:
         return dict(zip(wanted, binding.get_outputs()))
 
     def keep(self, segment: Segment, batch: int, values: Mapping[str, object]) -> None:
-        """Keep what later segments read. An OrtValue pins its session's memory arena until it dies, so on the
-        CPU a value read beyond the next segment, or a large one, is copied into an array of its own (far
-        cheaper than the segment that made it); a small one the next segment reads last stays an OrtValue.
-        Measured: copying every kept value cost the text classifier 0.4 s of 3.1 s (many small values);
-        keeping the detector's 50-140 MB values as OrtValues slowed the segments that followed by 3 s of 33 s.
-        On a GPU the OrtValues stay in device memory."""
+        """Keep what later segments read, as the OrtValues the session wrote (no copy) -- on a GPU in device
+        memory, on the CPU in the shared arena (``shared_arena``), whose chunks later segments reuse once a value
+        is dropped. With a private arena per session (the shared one could not be registered) an OrtValue pins
+        its dead session's whole arena, so a value read beyond the next segment, or a large one, is copied into
+        an array of its own instead. Measured on the CPU, one process, copy -> keep: torchvision resnet50, 64
+        samples at 224x224, 26.6 / 24.3 s -> 22.5 / 22.3 s (every value of 16 MiB and more was copied: tens of
+        GB over 50 segments), peak memory 2.86 -> 3.61 GB (freed chunks stay in the arena until calibration
+        ends); the PP-OCRv4 detector (64 pages at 736x736) 30.7 / 32.1 s -> 29.7 / 31.8 s, 3.75 -> 4.10 GB; the
+        text classifier within noise. Before the shared arena, keeping the detector's 50-140 MB values slowed
+        the segments that followed by 3 s of 33 s, and copying every value cost the classifier 0.4 s of 3.1 s."""
+        copy = self.device == "cpu" and not shared_arena.available()
         for name in segment.writes:
             value = values[name]
-            if self.device == "cpu" and (self.plan.last_use.get(name, segment.index) > segment.index + 1
-                                         or (_ort_nbytes(value) or 0) >= COPY_BYTES):
+            if copy and (self.plan.last_use.get(name, segment.index) > segment.index + 1
+                         or (_ort_nbytes(value) or 0) >= COPY_BYTES):
                 value = host_array(value)
             self.store.put(self.key(name), batch, value)
 
@@ -232,6 +248,19 @@ class _Candidate:
         self.opset = opset_of(job.converted)
         self.seconds = 0.0
         self.runner: _Runner | None = None
+        self.centres: dict[str, np.ndarray] = {}  # each layer's input centre (its BN's running mean)
+        self.moments: dict[str, dict[int, tuple]] = {}  # applied layer -> batch -> (sx, sxx, positions)
+        self.params: dict[str, tuple] = {}  # applied layer -> its fit (a, b, groups)
+
+    def apply_inputs(self, s: int, b: int) -> dict[str, np.ndarray]:
+        """``A`` and ``B`` of the layers segment ``s`` applies, for batch ``b`` (``fitted_apply``)."""
+        out = {}
+        for y, apply in self.runner.applied_in(s).items():
+            sx, sxx, positions = self.moments[y][b]
+            a, shift, groups = self.params[y]
+            out[apply.scale], out[apply.shift] = affine_inputs(apply.norm, sx, sxx, positions, self.centres[y],
+                                                               groups, a, shift)
+        return out
 
 
 def calibrate(reference: onnx.ModelProto | Path, converted: onnx.ModelProto, norms: list[NewNorm],
@@ -298,7 +327,8 @@ def _run(ref_model: onnx.ModelProto, cands: list[_Candidate], plans: list, layou
     centres = _bn_means(ref_model, [n for c in cands for n in c.fitted])
     for c, (conv_plan, _, _) in zip(cands, plans):
         c.runner = _Runner(c.job.converted, conv_plan, c.tag, store, providers, workdir, layout.relaxed,
-                           layout.reshapes)
+                           layout.reshapes, plan_applies(c.job.converted.graph, c.fitted, conv_plan))
+        c.centres = centres
     batches = list(iter_layout(data, layout))
     count = max([len(p[0].segments) for p in plans] + [len(ref_plan.segments)])
     weights = [1 + len(_segment(ref_plan, s).nodes) + sum(len(_segment(p[0], s).nodes) for p in plans)
@@ -327,13 +357,16 @@ def _run(ref_model: onnx.ModelProto, cands: list[_Candidate], plans: list, layou
                         csess[c.tag] = (cmodel, cand.session(cmodel, s), stats)
                     cmodel, session, stats = csess[c.tag]
                     targets = {TARGET + t.norm.y: store.get(ref.key(t.norm.y), b) for t in sums}
+                    targets.update(c.apply_inputs(s, b))
                     values = cand.run(session, cmodel, b, feeds, targets, [o.name for o in cmodel.graph.output])
                     cand.keep(cseg, b, values)
                     for t in sums:
                         shape, names = stats[t.norm.y]
                         rows, _, positions = (int(d) for d in host_array(values[shape]))
-                        t.add(rows if valid is None else valid, positions,
-                              {k: host_array(values[v]) for k, v in names.items()})
+                        got = {k: host_array(values[v]) for k, v in names.items()}
+                        t.add(rows if valid is None else valid, positions, got)
+                        if t.norm.y in cand.applies:  # every row, padding too: the segment applying it runs them
+                            c.moments.setdefault(t.norm.y, {})[b] = (got["sx"], got["sxx"], positions)
                 c.seconds += time.perf_counter() - t0
             done += weights[s]
             if progress:
@@ -344,6 +377,8 @@ def _run(ref_model: onnx.ModelProto, cands: list[_Candidate], plans: list, layou
         for c, plan in zip(cands, plans):
             t0 = time.perf_counter()
             c.runner.release(s, len(batches))
+            for y in c.runner.applied_in(s):
+                c.moments.pop(y, None)
             for t in here[c.tag]:
                 n = t.norm
                 fits = t.fits()
@@ -353,6 +388,8 @@ def _run(ref_model: onnx.ModelProto, cands: list[_Candidate], plans: list, layou
                     _apply_groups(c.job.converted.graph, c.inits, n, chosen, sse)
                 overwrite_initializer(c.inits[n.scale], a)
                 overwrite_initializer(c.inits[n.shift], shift)
+                if n.y in c.runner.applies:
+                    c.params[n.y] = (a, shift, chosen)
                 n.record.calibrated = True
                 c.report.layers_changed.append(n.record.name)
             c.seconds += time.perf_counter() - t0

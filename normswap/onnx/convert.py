@@ -43,6 +43,7 @@ class NewNorm:
     group_candidates: tuple[int, ...] = ()
     group_consts: tuple[str, str, str] | None = None
     elem_type: int = onnx.TensorProto.FLOAT  # of the layer's input and output
+    rank: int | None = None  # of the layer's input, where known
 
 
 @dataclass
@@ -93,7 +94,8 @@ class _SiteConverter:
             self.out.new_norms.append(NewNorm(record, site.x, site.y, site.channels, done.groups, site.eps,
                                               done.scale, done.shift, site.graph.path, done.group_candidates,
                                               done.group_consts, site.x_type.elem_type if site.x_type and
-                                              site.x_type.elem_type else onnx.TensorProto.FLOAT))
+                                              site.x_type.elem_type else onnx.TensorProto.FLOAT,
+                                              site.x_type.rank if site.x_type else None))
         return record
 
     def _first_match(self, rules: tuple[Rule, ...], site: BnSite) -> tuple[Rule, object] | str | None:

@@ -41,7 +41,7 @@ class Plan:
     dead_after: dict[int, list[str]] = field(default_factory=dict)  # segment -> values no later segment needs
 
 
-def _reads(node: onnx.NodeProto) -> list[str]:
+def reads_of(node: onnx.NodeProto) -> list[str]:
     names = [i for i in node.input if i]
     for sub in subgraphs_of(node):
         names.extend(free_names(sub))
@@ -56,7 +56,7 @@ def _needed(graph: onnx.GraphProto, roots: Iterable[str]) -> list[bool]:
         node = graph.node[i]
         if any(o in needed for o in node.output):
             keep[i] = True
-            needed.update(_reads(node))
+            needed.update(reads_of(node))
     return keep
 
 
@@ -79,7 +79,7 @@ def plan_segments(graph: onnx.GraphProto, *, roots: Iterable[str], late: Mapping
     for i, node in enumerate(graph.node):
         if not keep[i] or i in folded:
             continue
-        reads = _reads(node)
+        reads = reads_of(node)
         s = max((segment_of.get(r, 0) for r in reads), default=0)
         if i in late:
             s = max(s, segment_of.get(late[i], 0) + 1)
@@ -111,7 +111,7 @@ def plan_segments(graph: onnx.GraphProto, *, roots: Iterable[str], late: Mapping
         made = {o for n in seg.nodes for o in n.output}
         seen: set[str] = set()
         for n in seg.nodes:
-            for r in _reads(n):
+            for r in reads_of(n):
                 if r not in made and r not in constants and r not in seen:
                     seen.add(r)
                     seg.reads.append(r)
@@ -140,7 +140,7 @@ def _constant_nodes(graph: onnx.GraphProto, keep: list[bool], constants: set[str
     for i, node in enumerate(graph.node):
         if not keep[i] or i in late or node.op_type in NONDETERMINISTIC:
             continue
-        reads = _reads(node)
+        reads = reads_of(node)
         if all(r in known for r in reads):
             out.add(i)
             known.update(o for o in node.output if o)
@@ -155,7 +155,7 @@ def _with_inputs(graph: onnx.GraphProto, index: int, producers: Mapping[str, int
         if i in into:
             continue
         into.add(i)
-        stack.extend(producers[r] for r in _reads(graph.node[i]) if r in producers)
+        stack.extend(producers[r] for r in reads_of(graph.node[i]) if r in producers)
 
 
 def segment_model(model: onnx.ModelProto, segment: Segment, dtypes: Mapping[str, np.dtype],
@@ -178,7 +178,7 @@ def segment_model(model: onnx.ModelProto, segment: Segment, dtypes: Mapping[str,
         g.node.append(node)
     reads = set()
     for n in segment.nodes:
-        reads.update(_reads(n))
+        reads.update(reads_of(n))
     declared = {i.name: i for i in graph.input}
     constants = [numpy_helper.from_array(replacements[t.name], t.name) if t.name in replacements else t
                  for t in graph.initializer if t.name in reads]

@@ -67,3 +67,22 @@ def test_only_cpu_calibration_sessions_use_the_shared_arena(monkeypatch, provide
     monkeypatch.setattr(runner, "make_session", lambda *a, **k: asked.update(k))
     calibration._Runner(onnx.ModelProto(), None, "c0", None, providers, "/tmp", False, None).session(None, 0)
     assert asked["shared_arena"] is shared and asked["optimize"] is True
+
+
+@pytest.mark.parametrize("registered", [True, False])
+def test_kept_values_stay_in_the_shared_arena_and_leave_private_ones(monkeypatch, registered):
+    """With the shared arena a kept value stays the OrtValue the session wrote; with private arenas one read
+    beyond the next segment (or a large one) is copied out, since it would pin its dead session's arena."""
+    import normswap.onnx.calibrate as calibration
+    from normswap.activation_store import ActivationStore
+    from normswap.onnx.segments import Plan, Segment
+    monkeypatch.setattr(shared_arena, "_STATE", {"registered": registered})
+    store = ActivationStore(1 << 30, "/tmp", calibration.host_array, None, calibration._ort_nbytes)
+    plan = Plan([], {}, {"next": 1, "far": 3})
+    runner = calibration._Runner(onnx.ModelProto(), plan, "c0", store, (CPU,), "/tmp", False, None)
+    values = {n: ort.OrtValue.ortvalue_from_numpy(np.full(4, k, np.float32)) for k, n in enumerate(["next", "far"])}
+    runner.keep(Segment(0, [], [], ["next", "far"]), 0, values)
+    kept = {n: store.get(runner.key(n), 0) for n in values}
+    assert isinstance(kept["next"], ort.OrtValue)
+    assert isinstance(kept["far"], ort.OrtValue) is registered
+    np.testing.assert_array_equal(calibration.host_array(kept["far"]), np.ones(4, np.float32))
