@@ -42,6 +42,9 @@ MEASURED = [
     "| 4.9x | 3.5x |",
     "| one CPU arena shared by every segment session (2026-12-01 night), same process, private -> shared, "
     "seconds | - | 3.8-4.7 -> 2.9-3.6 | 10.3 / 9.9 -> 8.4 / 8.1 | 41.6 / 42.5 -> 27.6 / 28.3 (64 samples) |",
+    "| fitted layers as A * x + B, next-segment values left in the shared arena (2026-12-02), same process, before -> "
+    "after, seconds (section 8) | 3.82 / 3.13 -> 3.01 / 2.97 | 2.98 / 3.20 -> 2.73 / 2.82 | 7.69 / 7.17 -> "
+    "6.98 / 6.67 | 24.6 / 28.1 -> 22.8 / 23.3 (64 samples) |",
     "",
     "Also measured and not kept: onnxruntime graph optimization level for the segment sessions (all / extended "
     "/ basic: no difference beyond noise); calibration batch 8 / 16 / 32 / 64 (no trend on mobilenet_v2 or "
@@ -51,15 +54,15 @@ MEASURED = [
     "on the converted upstream) cost one forward pass of each model per sweep, about 2.2-2.5x here, and each "
     "sweep makes only one more level exact, so two sweeps already exceed 4x without matching the sequential fit.",
     "",
-    "What is left above the floor of one forward pass of each model: a session per segment and model (3-7 ms to "
-    "create each: 0.3-1.3 s for 53-122 segments), the first (cold) run of every session (its arena's memory, "
-    "since 2026-12-01 night, shared with the sessions before it), fusions the cuts prevent "
-    "(Conv+BN+Relu and Add+Relu across a segment boundary), and, for `--to group` with G chosen by fit, solving "
-    "every candidate group count (0.4-0.9 s here). On these 2-core CPUs that is 4-7x one forward pass for the "
-    "small ONNX models over 64 samples and about 4-5x for resnet50 over 256 samples (the yardstick itself "
-    "moved from 41 s to 25 s between two runs of this table). The PyTorch path, whose "
-    "segments cost no session, stays at 2.4-3x; there, reducing the sums in float64 made resnet50 1.5x slower "
-    "for no change in the fit, so they are float32 after centring.", "",
+    "What is left above one forward pass of each model (section 6 measures it per model): the fit sums, 12 "
+    "memory passes over each new layer's input and target that no onnxruntime op does in fewer (even in one run "
+    "of each model, with no segments, they put the PP-OCR classifier at 5.4x and densenet121 at 4.1x); keeping "
+    "the original's BN outputs, which the fused Conv + BN + activation must then write; a session and a run per "
+    "segment and model (3.3 ms to create each session: 0.3-1 s for 53-122 segments); and Python (the group fits, "
+    "freeing kept values). On these 2-core CPUs that is 4-6x one forward pass for the small ONNX models over 64 "
+    "samples and about 3.5-4x for resnet50 over 256 samples. The PyTorch path, whose segments cost no session, "
+    "stays at 2.4-3x; there, reducing the sums in float64 made resnet50 1.5x slower for no change in the fit, so "
+    "they are float32 after centring.", "",
     "GPU: `benchmarks/device_check.py` (resnet50 and mobilenet_v2, 256 samples at 224x224, calibration and fold "
     "exactness on the GPU) has not run yet: the session that built it was not lent a device. Its CPU run "
     "(`--device cpu`) and the tests exercise the same plumbing: batches follow the module's device, activations "
@@ -148,13 +151,13 @@ def render(rows: list[dict]) -> list[str]:
                      f"({r['where']}) | {r['peak_mib']:.0f} | "
                      f"{f'{before[0]} ({before[1]}x)' if before else '-'} |")
     lines += ["", "Each model runs once, segment by segment between calibration levels: every node of the "
-              "original and of the converted model runs once per sample, the per-channel sums are computed inside "
-              "onnxruntime (or in torch on the module's device) from moments that serve every candidate group "
-              "count at once, and activations stay where they were computed between segments (CPU: copied out of "
-              "the session's arena; GPU: OrtValues through IO binding; torch: tensors on the device), within the "
-              "memory budget. What remains above the floor of one "
-              "forward pass of each model is per-segment cost: a session per segment and model, outputs that "
-              "cannot be fused with what reads them in the next segment, and a cold first run of each session; "
+              "original and of the converted model runs once per sample (a fitted layer as `A * x + B`), the "
+              "per-channel sums are computed inside onnxruntime (or in torch on the module's device) from moments "
+              "that serve every candidate group count at once, and activations stay where they were computed "
+              "between segments (CPU: OrtValues in one shared arena, those read beyond the next segment copied "
+              "out of it; GPU: OrtValues through IO binding; torch: tensors on the device), within the memory "
+              "budget. What remains above one forward pass of each model is the fit sums, the original's BN "
+              "outputs written out, and per-segment cost (a session and a run per segment and model); "
               "it weighs most on small models over few samples.", ""] + MEASURED
     return lines
 

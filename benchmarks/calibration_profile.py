@@ -190,7 +190,7 @@ def render(rows: list[dict]) -> list[str]:
 
 
 FINDINGS = (
-    "What the profiles showed, and what changed (2026-12-01):",
+    "What the profiles showed, and what changed (2026-12-01 and -02):",
     "",
     "- PP-OCRv4 detector, 64 pages at 736x736 (issue 21 measured 10.3x): its main segment ran 7.0 s for 16 pages "
     "where the whole model runs 3.8 s. Two causes, both removed: (1) segment sessions ran without onnxruntime's "
@@ -242,9 +242,36 @@ FINDINGS = (
     "and target. (2) one intra-op thread per segment session (no thread wake-ups): 3.8-5.3 s against 2.6-2.9 "
     "s; (3) ONNX "
     "calibration through the torch executor would start behind: its forward pass of the classifier alone is "
-    "3.9-5.1x onnxruntime's (0.67 s against 2.7-3.4 s for 256 lines), of the mobilenet_v2 export 4.8-6.7x. Left: "
-    "sums in fewer passes (the centring and the product fused), and fits computed inside one run, the "
-    "calibration set as one batch, which removes the cut.",
+    "3.9-5.1x onnxruntime's (0.67 s against 2.7-3.4 s for 256 lines), of the mobilenet_v2 export 4.8-6.7x.",
+    "- Kept (2026-12-02): inside the segments a fitted GroupNorm-family layer runs as `A * x + B` from the moments "
+    "its fit was taken from (`normswap/onnx/fitted_apply.py`; two elementwise passes instead of Reshape, "
+    "InstanceNormalization, Reshape, Mul, Add -- on the classifier's whole converted model at batch 64: 0.80 s -> "
+    "0.58 s), values kept between segments stay OrtValues in the shared arena (resnet50 at 224x224 copied tens of "
+    "GB out of it over 50 segments), and one table of a model's initializers serves all its segments (each "
+    "scanned every initializer: quadratic on densenet121). Before -> after in one process: section 8 (5-15%).",
+    "- The floors (2026-12-02, the table above and a profile the same afternoon) say where the rest goes. With "
+    "no segments at all -- one run of each model, the original keeping its BN outputs and the converted model "
+    "computing every layer's fit sums -- calibration would still cost 4.0x and 5.4x (two profiles) on the "
+    "classifier, 3.6x and 4.1x on densenet121, 2.8x and 3.2x on mobilenet_v2; on resnet50 at 224x224 the "
+    "whole-model runs at batch 64 (3.9x) were no cheaper than the segments (3.6x). On the classifier the sums "
+    "took the converted model from 0.66 s to 1.55 s, and keeping the BN outputs the original from 0.36 s to "
+    "0.73 s (the fused Conv + BN + activation must write them out). Each layer's sums are 12 passes over its "
+    "input and target (two centring Subs, three ReduceSums, two ReduceSumSquares, the product Mul; "
+    "`benchmarks/reduction_ops.py`), and "
+    "onnxruntime has no op that does it in fewer: on a (64, 16, 24, 96) float32 tensor ReduceSum takes 0.22 ms, "
+    "ReduceSumSquare 1.33 ms (no vectorized path), GlobalAveragePool 0.38 ms, GlobalLpPool with p=2 25 ms, the "
+    "product's sum 1.50 ms as Mul then ReduceSum, 4.5 ms as a batched MatMul, 8.9 ms as an Einsum, and the mean "
+    "and variance of each row 2.61 ms as today's Sub, ReduceSum, ReduceSumSquare against 3.68 ms from "
+    "LayerNormalization's Mean and InvStdDev outputs. Centring cannot be dropped: it is what keeps float32 sums "
+    "from cancelling when a channel's mean is large against its spread. Above the floor with sums, calibration "
+    "pays a session "
+    "and a run per segment and model (0.2-1.0 s: 3.3 ms to create each session, 2.1 ms with one thread, 2.5 ms "
+    "without optimizations) and Python (0.4-2.2 s: the group fits, freeing kept values, building segments). "
+    "Not built yet: the calibration set as one batch with every fit solved inside one run (float64 solves and "
+    "the group choice as graph nodes) would remove the segments' cost -- what keeps mobilenet_v2 and "
+    "densenet121 above 4x, their floors with sums being 2.8-4.1x -- but not the floor with sums, and it needs "
+    "the whole set in one batch: at 256 lines the classifier's floor with sums was 3.2 s at batch 256 against "
+    "1.9 s at 64 (large batches outgrow the caches).",
 )
 
 

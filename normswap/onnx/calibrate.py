@@ -10,11 +10,13 @@ so error does not accumulate. To do that at the cost of about one forward pass o
 cut into the same segments (``segments.plan_segments``): segment ``s`` runs over all the data, the values later
 segments read are kept between segments (``store.ActivationStore``: memory up to a budget, disk beyond), and the
 layers whose input segment ``s`` computed are fitted before segment ``s + 1`` is built from the updated model.
-Every node of either model runs once per sample. The sums are computed inside the converted segment's
-onnxruntime session (``fit_stats``), for every candidate group count at once, from the original segment's BN
-outputs fed in. Data is fed at the model's own batch layout (``batching``): fixed-batch exports work with any
-number of samples. Afterwards the layer producing a model output (a Gemm / MatMul head) is refitted in closed
-form to the original outputs (``refit_head``) from the values kept for it.
+Every node of either model runs once per sample; a fitted GroupNorm-family layer runs there as ``A * x + B``
+from the moments its fit was taken from (``fitted_apply``: exact algebra, cheaper than its emitted nodes). The
+sums are computed inside the converted segment's onnxruntime session (``fit_stats``), for every candidate group
+count at once, from the original segment's BN outputs fed in. Data is fed at the model's own batch layout
+(``batching``): fixed-batch exports work with any number of samples. Afterwards the layer producing a model
+output (a Gemm / MatMul head) is refitted in closed form to the original outputs (``refit_head``) from the values
+kept for it.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from .fitted_apply import Apply, affine_inputs, plan_applies, substitute
 from .graph import overwrite_initializer
 from .io import load_model, opset_of
 from .refit_head import Head, find_head, refit_head
-from .segments import Plan, Segment, plan_segments, segment_model
+from .segments import GraphTables, Plan, Segment, plan_segments, segment_model
 from . import shared_arena
 from ..activation_store import DEFAULT_MEMORY_BUDGET, ActivationStore, peak_rss
 
@@ -104,14 +106,18 @@ class _Runner:
         self.providers, self.workdir, self.relaxed = providers, workdir, relaxed
         self.replacements = reshapes or {}
         self.device = ort_device(providers)
+        self.tables = GraphTables.of(model.graph)
         self.applies = applies or {}
+        self._applied: dict[int, dict[str, Apply]] = {}
+        for y, a in self.applies.items():
+            self._applied.setdefault(a.segment, {})[y] = a
 
     def key(self, name: str) -> str:
         return f"{self.tag}:{name}"
 
     def applied_in(self, s: int) -> dict[str, Apply]:
         """The fitted layers segment ``s`` runs as ``A * x + B`` (``fitted_apply``)."""
-        return {y: a for y, a in self.applies.items() if a.segment == s}
+        return self._applied.get(s, {})
 
     def build(self, segment: Segment, extra_reads: list[str] = ()) -> onnx.ModelProto:
         applied = self.applied_in(segment.index)
@@ -122,7 +128,7 @@ class _Runner:
         dtypes = {r: self.store.dtypes[self.key(r)] for r in reads if self.key(r) in self.store.dtypes}
         dtypes.update({name: np.dtype(np.float32) for name in fed})
         return segment_model(self.model, Segment(segment.index, nodes, reads, segment.writes), dtypes,
-                             self.relaxed, self.replacements)
+                             self.relaxed, self.replacements, self.tables)
 
     def session(self, model: onnx.ModelProto, s: int):
         from ..validate.runner import make_session
@@ -155,21 +161,21 @@ class _Runner:
         return dict(zip(wanted, binding.get_outputs()))
 
     def keep(self, segment: Segment, batch: int, values: Mapping[str, object]) -> None:
-        """Keep what later segments read, as the OrtValues the session wrote (no copy) -- on a GPU in device
-        memory, on the CPU in the shared arena (``shared_arena``), whose chunks later segments reuse once a value
-        is dropped. With a private arena per session (the shared one could not be registered) an OrtValue pins
-        its dead session's whole arena, so a value read beyond the next segment, or a large one, is copied into
-        an array of its own instead. Measured on the CPU, one process, copy -> keep: torchvision resnet50, 64
-        samples at 224x224, 26.6 / 24.3 s -> 22.5 / 22.3 s (every value of 16 MiB and more was copied: tens of
-        GB over 50 segments), peak memory 2.86 -> 3.61 GB (freed chunks stay in the arena until calibration
-        ends); the PP-OCRv4 detector (64 pages at 736x736) 30.7 / 32.1 s -> 29.7 / 31.8 s, 3.75 -> 4.10 GB; the
-        text classifier within noise. Before the shared arena, keeping the detector's 50-140 MB values slowed
-        the segments that followed by 3 s of 33 s, and copying every value cost the classifier 0.4 s of 3.1 s."""
-        copy = self.device == "cpu" and not shared_arena.available()
+        """Keep what later segments read. A value the next segment reads last stays the OrtValue the session
+        wrote (no copy): on the CPU in the shared arena (``shared_arena``), whose chunk later segments reuse once
+        it is dropped; on a GPU in device memory. On the CPU a value read beyond the next segment is copied into
+        an array of its own: left in the arena for that long it fragments it (the arena grows around it). With a
+        private arena per session (the shared one could not be registered) an OrtValue pins its dead session's
+        whole arena, so large values (``COPY_BYTES``) are copied too. Measured on torchvision resnet50, 256
+        samples at 224x224 (one process each, 2026-12-02): copying large and far-read values 104.5 s, peak
+        memory 7.8 GB; copying far-read values only 93.2 s, 9.7 GB; copying nothing 83.0 s, 12.4 GB. Before the
+        shared arena, keeping the detector's 50-140 MB values slowed the segments that followed by 3 s of 33 s,
+        and copying every value cost the text classifier 0.4 s of 3.1 s."""
+        private = not shared_arena.available()
         for name in segment.writes:
             value = values[name]
-            if copy and (self.plan.last_use.get(name, segment.index) > segment.index + 1
-                         or (_ort_nbytes(value) or 0) >= COPY_BYTES):
+            if self.device == "cpu" and (self.plan.last_use.get(name, segment.index) > segment.index + 1
+                                         or private and (_ort_nbytes(value) or 0) >= COPY_BYTES):
                 value = host_array(value)
             self.store.put(self.key(name), batch, value)
 

@@ -70,19 +70,23 @@ def test_only_cpu_calibration_sessions_use_the_shared_arena(monkeypatch, provide
 
 
 @pytest.mark.parametrize("registered", [True, False])
-def test_kept_values_stay_in_the_shared_arena_and_leave_private_ones(monkeypatch, registered):
-    """With the shared arena a kept value stays the OrtValue the session wrote; with private arenas one read
-    beyond the next segment (or a large one) is copied out, since it would pin its dead session's arena."""
+def test_kept_values_stay_in_the_shared_arena_unless_they_would_pin_or_fragment_it(monkeypatch, registered):
+    """A value the next segment reads last stays the OrtValue the session wrote -- with private arenas only
+    while it is small (a large one would pin its dead session's arena); one read beyond the next segment is
+    copied out either way (it would fragment the arena for as long as it lives)."""
     import normswap.onnx.calibrate as calibration
     from normswap.activation_store import ActivationStore
     from normswap.onnx.segments import Plan, Segment
     monkeypatch.setattr(shared_arena, "_STATE", {"registered": registered})
+    monkeypatch.setattr(calibration, "COPY_BYTES", 64)
     store = ActivationStore(1 << 30, "/tmp", calibration.host_array, None, calibration._ort_nbytes)
-    plan = Plan([], {}, {"next": 1, "far": 3})
+    plan = Plan([], {}, {"next": 1, "large": 1, "far": 3})
     runner = calibration._Runner(onnx.ModelProto(), plan, "c0", store, (CPU,), "/tmp", False, None)
-    values = {n: ort.OrtValue.ortvalue_from_numpy(np.full(4, k, np.float32)) for k, n in enumerate(["next", "far"])}
-    runner.keep(Segment(0, [], [], ["next", "far"]), 0, values)
+    sizes = {"next": 4, "large": 32, "far": 4}  # float32: 16, 128 and 16 bytes
+    values = {n: ort.OrtValue.ortvalue_from_numpy(np.full(k, i, np.float32)) for i, (n, k) in enumerate(sizes.items())}
+    runner.keep(Segment(0, [], [], list(values)), 0, values)
     kept = {n: store.get(runner.key(n), 0) for n in values}
     assert isinstance(kept["next"], ort.OrtValue)
-    assert isinstance(kept["far"], ort.OrtValue) is registered
-    np.testing.assert_array_equal(calibration.host_array(kept["far"]), np.ones(4, np.float32))
+    assert isinstance(kept["large"], ort.OrtValue) is registered
+    assert isinstance(kept["far"], np.ndarray)
+    np.testing.assert_array_equal(calibration.host_array(kept["far"]), np.full(4, 2, np.float32))
