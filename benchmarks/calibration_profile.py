@@ -122,11 +122,14 @@ def floors(path: str, x: np.ndarray) -> dict:
 
 
 def profile(key: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path, x = model_and_data(key, Path(tmp))
+        return _profile(key, path, x)
+
+
+def _profile(key: str, path: str, x: np.ndarray) -> dict:
     import normswap
     import normswap.onnx.calibrate as calibrate
-    tmpdir = tempfile.TemporaryDirectory()
-    path, x = model_and_data(key, Path(tmpdir.name))
-    n, side = len(x), CASES[key][1]
     spent = {"r": 0.0, "c": 0.0, "sessions": 0.0}
     runs, sessions = calibrate._Runner.run, calibrate._Runner.session
 
@@ -150,13 +153,9 @@ def profile(key: str) -> dict:
     finally:
         calibrate._Runner.run, calibrate._Runner.session = runs, sessions
     c = result.report.calibration
-    with tempfile.TemporaryDirectory() as tmp:
-        converted = str(Path(tmp) / "converted.onnx")
-        result.save(converted)
-        row = {"model": key, "samples": n, "side": side, "bns": len(result.report.layers),
-               "segments": c.segments, "layout": c.batch_layout, "calibration": c.seconds,
-               "yardstick": yardstick(key, path, x), **floors(path, x), **spent}
-    tmpdir.cleanup()
+    row = {"model": key, "samples": len(x), "side": CASES[key][1], "bns": len(result.report.layers),
+           "segments": c.segments, "layout": c.batch_layout, "calibration": c.seconds,
+           "yardstick": yardstick(key, path, x), **floors(path, x), **spent}
     print(row, file=sys.stderr)
     return row
 

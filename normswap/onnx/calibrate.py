@@ -123,8 +123,8 @@ class _Runner:
         applied = self.applied_in(segment.index)
         nodes = substitute(segment.nodes, applied) if applied else segment.nodes
         fed = [name for a in applied.values() for name in (a.scale, a.shift)]
-        reads = segment.reads + [r for r in [*extra_reads, *fed] if r not in segment.reads and
-                                 r not in {o for n in nodes for o in n.output}]
+        known = set(segment.reads) | {o for n in nodes for o in n.output}
+        reads = segment.reads + [r for r in dict.fromkeys([*extra_reads, *fed]) if r not in known]
         dtypes = {r: self.store.dtypes[self.key(r)] for r in reads if self.key(r) in self.store.dtypes}
         dtypes.update({name: np.dtype(np.float32) for name in fed})
         return segment_model(self.model, Segment(segment.index, nodes, reads, segment.writes), dtypes,

@@ -2,7 +2,6 @@
 algebra equals the normalization, the fit it gives equals the one through the emitted nodes, and layers that
 cannot be run that way keep their emitted nodes."""
 import copy
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,20 +18,11 @@ from normswap.targets import ReplaceOptions
 from normswap.validate.providers import CPU
 
 from tests.builders import bn_node, bn_params, init, model, vi
-
-FIXTURES = Path(__file__).parent.parent.parent / "fixtures"
-MODEL = FIXTURES / "digits_resnet.onnx"
-
+from tests.onnx.test_calibrate import MODEL, _converted
 
 @pytest.fixture(scope="module")
 def digits():
-    return {"x": np.load(FIXTURES / "digits_heldout.npz")["x"][:120]}
-
-
-def _converted(target: str = "group", **options):
-    ref = onnx.load(str(MODEL))
-    conv = copy.deepcopy(ref)
-    return ref, conv, convert_in_place(conv, target, options=ReplaceOptions(**options)).new_norms
+    return {"x": np.load(MODEL.parent / "digits_heldout.npz")["x"][:120]}
 
 
 class _Norm:  # what affine_inputs reads of a layer
