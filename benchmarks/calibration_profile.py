@@ -130,15 +130,15 @@ def profile(key: str) -> dict:
 def _profile(key: str, path: str, x: np.ndarray) -> dict:
     import normswap
     import normswap.onnx.calibrate as calibrate
-    spent = {"r": 0.0, "c": 0.0, "sessions": 0.0}
-    runs, sessions = calibrate._Runner.run, calibrate._Runner.session
+    spent = {"runs": 0.0, "sessions": 0.0}
+    runs, sessions = calibrate._run_bound, calibrate._Runner.session
 
-    def run(self, *args, **kwargs):
+    def run(*args, **kwargs):
         start = time.perf_counter()
         try:
-            return runs(self, *args, **kwargs)
+            return runs(*args, **kwargs)
         finally:
-            spent["r" if self.tag == "r" else "c"] += time.perf_counter() - start
+            spent["runs"] += time.perf_counter() - start
 
     def session(self, *args, **kwargs):
         start = time.perf_counter()
@@ -147,11 +147,11 @@ def _profile(key: str, path: str, x: np.ndarray) -> dict:
         finally:
             spent["sessions"] += time.perf_counter() - start
 
-    calibrate._Runner.run, calibrate._Runner.session = run, session
+    calibrate._run_bound, calibrate._Runner.session = run, session
     try:
         result = normswap.convert(path, "group", calibration={"x": x}, refine=False, validate=False, progress=False)
     finally:
-        calibrate._Runner.run, calibrate._Runner.session = runs, sessions
+        calibrate._run_bound, calibrate._Runner.session = runs, sessions
     c = result.report.calibration
     row = {"model": key, "samples": len(x), "side": CASES[key][1], "bns": len(result.report.layers),
            "segments": c.segments, "layout": c.batch_layout, "calibration": c.seconds,
@@ -171,20 +171,22 @@ def render(rows: list[dict]) -> list[str]:
              "'floor with sums' the original keeping every BN output plus the converted model computing every "
              "layer's fit sums -- what it would cost in one run of each model, with no segments (then not the "
              "sequential fit).", "",
-             "| model | samples | BNs | segments | yardstick | floor | floor with sums | calibration | original's "
-             "segments | converted's segments (with sums) | sessions | rest (Python) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "'segment runs': onnxruntime runs of the segments (the original's and the converted's segment, with "
+             "its fit sums, in one session each).", "",
+             "| model | samples | BNs | segments | yardstick | floor | floor with sums | calibration | segment runs "
+             "| sessions | rest (Python) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         y = r["yardstick"]
 
         def cell(v: float) -> str:
             return f"{v:.2f} ({v / y:.1f}x)"
-        rest = r["calibration"] - r["r"] - r["c"] - r["sessions"]
+        rest = r["calibration"] - r["runs"] - r["sessions"]
         size = f" {r['side']}px" if r["side"] else ""
         lines.append(f"| {r['model']}{size} | {r['samples']} | {r['bns']} | {r['segments']} | {y:.2f} | "
                      f"{cell(r['original_whole'] + r['converted_whole'])} | "
                      f"{cell(r['original_kept'] + r['converted_sums'])} | **{cell(r['calibration'])}** | "
-                     f"{cell(r['r'])} | {cell(r['c'])} | {cell(r['sessions'])} | {cell(rest)} |")
+                     f"{cell(r['runs'])} | {cell(r['sessions'])} | {cell(rest)} |")
     return lines + ["", *FINDINGS, ""]
 
 
@@ -271,6 +273,20 @@ FINDINGS = (
     "densenet121 above 4x, their floors with sums being 2.8-4.1x -- but not the floor with sums, and it needs "
     "the whole set in one batch: at 256 lines the classifier's floor with sums was 3.2 s at batch 256 against "
     "1.9 s at 64 (large batches outgrow the caches).",
+    "- Kept (2026-12-02, later; the table above is its profile): segment s of the original and of the converted "
+    "model run in one onnxruntime session and one run per batch (`normswap/onnx/fused_segments.py`: the "
+    "converted model's names get a prefix; the BN outputs its fits read, and the data inputs, are the "
+    "original's values). Half the sessions and runs, and no BN output bound into a second session; in one "
+    "process (section 8) -1% to -7% (resnet50 -7%), mobilenet_v2 within noise (+3%). The sessions cost what the "
+    "two did: onnxruntime's session cost grows with the graph, not with the count of sessions (a 2-node "
+    "session takes 0.7-0.9 ms to create, with per-session thread pools or the global one alike; mobilenet_v2's "
+    "53 fused segment models took 0.18-0.26 s to open with every optimization, 0.11-0.13 s with none). "
+    "Measured and not kept: calibration batches 16 / 32 / 64 with fused segments, best of two rounds in one "
+    "process: the classifier 2.18 / 1.87 / 1.85 s, mobilenet_v2 2.41 / 2.14 / 2.33 s, densenet121 5.82 / 5.60 / "
+    "5.69 s -- no trend. What is left above the segment runs on mobilenet_v2 (2.3 s in all, its runs 1.3 s): "
+    "sessions 0.37 s, setting up 0.41 s (reading the original again 0.13 s -- its structure check made 2x "
+    "faster -- the check that its fixed batch can be freed 0.15 s, planning the segments 0.08 s), fits and "
+    "bookkeeping 0.27 s.",
 )
 
 

@@ -30,13 +30,19 @@ def main() -> None:
     (x_train, y_train), (x_test, _) = make_fixtures.digits()
     torch.manual_seed(0)
     net = make_fixtures.train(make_fixtures.build_model(), x_train, y_train, seed=0)
-    calls = {"n": 0}
-    run = calibrate_module._Runner.run
+    calls, original = {"n": 0}, []  # runs of sessions holding the original's segments (alone or fused)
+    session, run = calibrate_module._Runner.session, calibrate_module._run_bound
 
-    def counting(self, *args, **kwargs):
-        calls["n"] += self.tag == "r"
-        return run(self, *args, **kwargs)
-    calibrate_module._Runner.run = counting
+    def opening(self, *args, **kwargs):
+        opened = session(self, *args, **kwargs)
+        if self.tag == "r":
+            original.append(opened)
+        return opened
+
+    def counting(opened, *args, **kwargs):
+        calls["n"] += any(opened is o for o in original)
+        return run(opened, *args, **kwargs)
+    calibrate_module._Runner.session, calibrate_module._run_bound = opening, counting
     calib, held = {"x": x_train[:300]}, {"x": x_test}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "net.onnx"

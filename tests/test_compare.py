@@ -31,15 +31,23 @@ def compared(digits):
 
 
 def _reference_runs(monkeypatch):
-    """Count the runs of the original's segments during calibration."""
-    calls = []
-    run = calibrate_module._Runner.run
+    """Count the runs of sessions holding the original's segments during calibration (alone, or fused with a
+    single conversion's)."""
+    calls, original = [], []  # the sessions themselves: kept alive, so no id is reused
+    session, run = calibrate_module._Runner.session, calibrate_module._run_bound
 
-    def counting(self, *args, **kwargs):
+    def opening(self, *args, **kwargs):
+        opened = session(self, *args, **kwargs)
         if self.tag == "r":
+            original.append(opened)
+        return opened
+
+    def counting(opened, *args, **kwargs):
+        if any(opened is o for o in original):
             calls.append(1)
-        return run(self, *args, **kwargs)
-    monkeypatch.setattr(calibrate_module._Runner, "run", counting)
+        return run(opened, *args, **kwargs)
+    monkeypatch.setattr(calibrate_module._Runner, "session", opening)
+    monkeypatch.setattr(calibrate_module, "_run_bound", counting)
     return calls
 
 

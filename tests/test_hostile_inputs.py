@@ -207,3 +207,28 @@ def test_inspect_prints_the_table_before_measuring_batch_sensitivity(tmp_path):
             "--batch-sizes", "1,8", "--batches", "2")
     assert r.returncode == 0, r.stderr
     assert 0 <= r.stdout.index("normalization site(s)") < r.stdout.index("batch-size sensitivity")
+
+
+@pytest.mark.parametrize("where", ["If branch node name", "Constant tensor name", "external data value", "none"])
+def test_the_fast_text_walk_finds_what_the_naming_walk_finds(where):
+    """check_text walks the model once without naming fields, and names the field only when that walk found one:
+    both walks must agree wherever text can hide (subgraphs, tensor attributes, external-data entries)."""
+    from onnx import helper
+    from normswap.onnx.structure import _holds_bytes, _text_fields
+    marker = "ZQZQZQ"
+    branch = helper.make_graph([helper.make_node("Neg", ["a"], ["b"], name=marker if "If" in where else "neg")],
+                               "then", [], [helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, None)])
+    value = numpy_helper.from_array(np.ones(2, np.float32), marker if "Constant" in where else "t")
+    m = onnx.helper.make_model(helper.make_graph(
+        [helper.make_node("Constant", [], ["a"], value=value),
+         helper.make_node("If", ["c"], ["o"], then_branch=branch, else_branch=branch)], "g",
+        [helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("o", onnx.TensorProto.FLOAT, None)]))
+    init = numpy_helper.from_array(np.ones(2, np.float32), "w")
+    init.data_location = onnx.TensorProto.EXTERNAL
+    init.external_data.add(key="location", value=marker if "external" in where else "w.bin")
+    m.graph.initializer.append(init)
+    parsed = onnx.ModelProto()
+    parsed.ParseFromString(m.SerializeToString().replace(marker.encode(), b"Z\xff\xfeQZQ"))
+    slow = any(isinstance(v, bytes) for _, v in _text_fields(parsed, ""))
+    assert _holds_bytes(parsed) == slow == (where != "none")

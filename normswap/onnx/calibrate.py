@@ -10,10 +10,11 @@ so error does not accumulate. To do that at the cost of about one forward pass o
 cut into the same segments (``segments.plan_segments``): segment ``s`` runs over all the data, the values later
 segments read are kept between segments (``store.ActivationStore``: memory up to a budget, disk beyond), and the
 layers whose input segment ``s`` computed are fitted before segment ``s + 1`` is built from the updated model.
-Every node of either model runs once per sample; a fitted GroupNorm-family layer runs there as ``A * x + B``
-from the moments its fit was taken from (``fitted_apply``: exact algebra, cheaper than its emitted nodes). The
-sums are computed inside the converted segment's onnxruntime session (``fit_stats``), for every candidate group
-count at once, from the original segment's BN outputs fed in. Data is fed at the model's own batch layout
+Every node of either model runs once per sample, segment ``s`` of both in one onnxruntime session
+(``fused_segments``; apart when several conversions share the original's run); a fitted GroupNorm-family layer
+runs there as ``A * x + B`` from the moments its fit was taken from (``fitted_apply``: exact algebra, cheaper
+than its emitted nodes). The sums are computed inside the session (``fit_stats``), for every candidate group
+count at once, from the original segment's BN outputs. Data is fed at the model's own batch layout
 (``batching``): fixed-batch exports work with any number of samples. Afterwards the layer producing a model
 output (a Gemm / MatMul head) is refitted in closed form to the original outputs (``refit_head``) from the values
 kept for it.
@@ -37,6 +38,7 @@ from .convert import NewNorm
 from .external import tensor_array
 from .fit_stats import add_fit_stats
 from .fitted_apply import Apply, affine_inputs, plan_applies, substitute
+from .fused_segments import can_fuse, fuse
 from .graph import overwrite_initializer
 from .io import load_model, opset_of
 from .refit_head import Head, find_head, refit_head
@@ -47,6 +49,7 @@ from ..activation_store import DEFAULT_MEMORY_BUDGET, ActivationStore, peak_rss
 DEFAULT_BATCH_SIZE = 64
 COPY_BYTES = 16 << 20  # with private arenas, kept values this large leave the session's arena (``_Runner.keep``)
 TARGET = "normswap_target::"  # prefix of the original BN outputs fed into a converted segment
+FUSED = "normswap_fused::"  # prefix of the converted model's names in a segment fused with the original's
 Progress = Callable[[int, int, str], None]
 
 
@@ -136,31 +139,21 @@ class _Runner:
         return make_session(model, self.providers, self.workdir, f"{self.tag}-{s}", optimize=True,
                             shared_arena=self.device == "cpu")
 
+    def value(self, name: str, batch: int, data: Mapping[str, np.ndarray], extra: Mapping[str, object]):
+        """What a segment input is fed for ``batch``: from ``extra``, the values kept, or the data (None: not
+        fed, e.g. an initializer listed among the inputs)."""
+        if name in extra:
+            return extra[name]
+        if (self.key(name), batch) in self.store:
+            return self.store.get(self.key(name), batch)
+        return data.get(name)
+
     def run(self, session, model: onnx.ModelProto, batch: int, data: Mapping[str, np.ndarray],
             extra: Mapping[str, object], wanted: list[str]) -> dict[str, object]:
-        """Run a segment session with IO binding: kept values stay OrtValues where the session computes (no copy
-        to numpy and back between segments); data batches are bound as they are."""
-        import onnxruntime as ort
-        binding = session.io_binding()
-        for vi in model.graph.input:
-            name = vi.name
-            if name in extra:
-                value = extra[name]
-            elif (self.key(name), batch) in self.store:
-                value = self.store.get(self.key(name), batch)
-            elif name in data:
-                value = data[name]
-            else:
-                continue
-            if isinstance(value, np.ndarray):
-                value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, 0)
-            binding.bind_ortvalue_input(name, value)
-        for name in wanted:
-            binding.bind_output(name, self.device)
-        session.run_with_iobinding(binding)
-        return dict(zip(wanted, binding.get_outputs()))
+        return _run_bound(session, model, self.device, lambda name: self.value(name, batch, data, extra), wanted)
 
-    def keep(self, segment: Segment, batch: int, values: Mapping[str, object]) -> None:
+    def keep(self, segment: Segment, batch: int, values: Mapping[str, object], names: list[str] | None = None
+             ) -> None:
         """Keep what later segments read. A value the next segment reads last stays the OrtValue the session
         wrote (no copy): on the CPU in the shared arena (``shared_arena``), whose chunk later segments reuse once
         it is dropped; on a GPU in device memory. On the CPU a value read beyond the next segment is copied into
@@ -170,9 +163,10 @@ class _Runner:
         samples at 224x224 (one process each, 2026-12-02): copying large and far-read values 104.5 s, peak
         memory 7.8 GB; copying far-read values only 93.2 s, 9.7 GB; copying nothing 83.0 s, 12.4 GB. Before the
         shared arena, keeping the detector's 50-140 MB values slowed the segments that followed by 3 s of 33 s,
-        and copying every value cost the text classifier 0.4 s of 3.1 s."""
+        and copying every value cost the text classifier 0.4 s of 3.1 s. ``names``: the writes to keep (default:
+        all of the segment's)."""
         private = not shared_arena.available()
-        for name in segment.writes:
+        for name in segment.writes if names is None else names:
             value = values[name]
             if self.device == "cpu" and (self.plan.last_use.get(name, segment.index) > segment.index + 1
                                          or private and (_ort_nbytes(value) or 0) >= COPY_BYTES):
@@ -209,6 +203,88 @@ def _stats_model(runner: _Runner, segment: Segment, sums: list[CandidateSums], o
                                      x_center=t.x_center, y_center=t.y_center, channel_norm=None in t.candidates,
                                      prefix=f"normswap_fit/{k}", elem_type=n.elem_type)
     return model, outputs
+
+
+def _add_sums(c: "_Candidate", sums: list[CandidateSums], stats: dict, values: Mapping[str, object],
+              valid: int | None, b: int) -> None:
+    """Add one batch's fit sums (outputs of the converted segment) to each layer's ``CandidateSums``."""
+    for t in sums:
+        shape, names = stats[t.norm.y]
+        rows, _, positions = (int(d) for d in host_array(values[shape]))
+        got = {k: host_array(values[v]) for k, v in names.items()}
+        t.add(rows if valid is None else valid, positions, got)
+        if t.norm.y in c.runner.applies:  # every row, padding too: the segment applying it runs them
+            c.moments.setdefault(t.norm.y, {})[b] = (got["sx"], got["sxx"], positions)
+
+
+def _report(progress: Progress | None, seen: int, done: int, total: int, start: float, s: int, count: int) -> None:
+    if progress:
+        rate = seen * done / total / max(time.perf_counter() - start, 1e-9)
+        progress(done, total, f"calibrating: segment {s + 1}/{count}, {rate:,.0f} samples/s")
+
+
+@dataclass
+class _Fused:
+    """Segment ``s`` of the original and of one candidate in one session (``fused_segments``): the BN outputs
+    its fits read flow inside it; those no later segment of the original reads are not written out."""
+
+    model: onnx.ModelProto
+    session: object
+    stats: dict
+    ref_writes: list[str]   # the original's writes still kept
+    unlinked: list[str]     # targets the session does not compute (fed from the values kept)
+
+    def run(self, ref: _Runner, c: "_Candidate", rseg: Segment, cseg: Segment, sums: list[CandidateSums], s: int,
+            b: int, feeds: Mapping[str, np.ndarray], valid: int | None, store: ActivationStore) -> None:
+        targets = {TARGET + y: store.get(ref.key(y), b) for y in self.unlinked}
+        targets.update(c.apply_inputs(s, b))
+
+        def lookup(name: str):
+            if name.startswith(FUSED):
+                return c.runner.value(name[len(FUSED):], b, feeds, targets)
+            return ref.value(name, b, feeds, {})
+
+        values = _run_bound(self.session, self.model, ref.device, lookup, [o.name for o in self.model.graph.output])
+        ref.keep(rseg, b, values, self.ref_writes)
+        mine = {k[len(FUSED):]: v for k, v in values.items() if k.startswith(FUSED)}
+        c.runner.keep(cseg, b, mine)
+        _add_sums(c, sums, self.stats, mine, valid, b)
+
+
+def _fused_session(ref: _Runner, c: "_Candidate", rseg: Segment, cseg: Segment, sums: list[CandidateSums], s: int,
+                   store: ActivationStore) -> _Fused:
+    """Build and open segment ``s`` of the original fused with the candidate's (with its fit sums)."""
+    dtypes = {t.norm.y: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.norm.elem_type)) for t in sums}
+    dtypes.update({y: store.dtypes[ref.key(y)] for y in dtypes if ref.key(y) in store.dtypes})  # kept already
+    cmodel, stats = _stats_model(c.runner, cseg, sums, c.opset, dtypes.__getitem__)
+    links = {TARGET + t.norm.y: t.norm.y for t in sums}
+    # data inputs both read are bound once (not initializers listed as inputs: the converted may change them)
+    links.update({name: name for name in ref.tables.inputs
+                  if name not in ref.tables.initializers and name not in c.runner.tables.initializers})
+    drop = {t.norm.y for t in sums if ref.plan.last_use.get(t.norm.y, s) <= s}
+    model = fuse(ref.build(rseg), cmodel, FUSED, links, drop)
+    inputs = {i.name for i in model.graph.input}
+    unlinked = [t.norm.y for t in sums if FUSED + TARGET + t.norm.y in inputs]
+    return _Fused(model, ref.session(model, s), stats, [w for w in rseg.writes if w not in drop], unlinked)
+
+
+def _run_bound(session, model: onnx.ModelProto, device: str, lookup: Callable[[str], object],
+               wanted: list[str]) -> dict[str, object]:
+    """Run a segment session with IO binding: kept values stay OrtValues where the session computes (no copy to
+    numpy and back between segments); data batches are bound as they are. ``lookup``: what an input is fed."""
+    import onnxruntime as ort
+    binding = session.io_binding()
+    for vi in model.graph.input:
+        value = lookup(vi.name)
+        if value is None:
+            continue
+        if isinstance(value, np.ndarray):
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, 0)
+        binding.bind_ortvalue_input(vi.name, value)
+    for name in wanted:
+        binding.bind_output(name, device)
+    session.run_with_iobinding(binding)
+    return dict(zip(wanted, binding.get_outputs()))
 
 
 def _ort_value(array: np.ndarray, device: str):
@@ -336,6 +412,7 @@ def _run(ref_model: onnx.ModelProto, cands: list[_Candidate], plans: list, layou
                            layout.reshapes, plan_applies(c.job.converted.graph, c.fitted, conv_plan))
         c.centres = centres
     batches = list(iter_layout(data, layout))
+    fuse = len(cands) == 1 and can_fuse(ref_model, cands[0].job.converted)
     count = max([len(p[0].segments) for p in plans] + [len(ref_plan.segments)])
     weights = [1 + len(_segment(ref_plan, s).nodes) + sum(len(_segment(p[0], s).nodes) for p in plans)
                for s in range(count)]
@@ -345,8 +422,20 @@ def _run(ref_model: onnx.ModelProto, cands: list[_Candidate], plans: list, layou
         here = {c.tag: [CandidateSums(n, _candidates(n, c.job.choose_groups),
                                       tensor_array(c.inits[n.shift]).reshape(-1), centres[n.y], n.channels, n.eps)
                         for n in c.fitted if plan[2][n.y] == s] for c, plan in zip(cands, plans)}
-        rsess, csess = None, {}
+        rsess, csess, fsess = None, {}, None
+        fuse_here = fuse and bool(rseg.nodes) and bool(_segment(plans[0][0], s).nodes or here[cands[0].tag])
         for b, (feeds, valid) in enumerate(batches):
+            if fuse_here:  # the original's and the candidate's segment in one session and run
+                c = cands[0]
+                t0 = time.perf_counter()
+                cseg, sums = _segment(plans[0][0], s), here[c.tag]
+                if fsess is None:
+                    fsess = _fused_session(ref, c, rseg, cseg, sums, s, store)
+                fsess.run(ref, c, rseg, cseg, sums, s, b, feeds, valid, store)
+                c.seconds += time.perf_counter() - t0
+                done += weights[s]
+                _report(progress, seen, done, total, start, s, count)
+                continue
             t0 = time.perf_counter()
             if rseg.nodes:
                 if rsess is None:
@@ -366,19 +455,11 @@ def _run(ref_model: onnx.ModelProto, cands: list[_Candidate], plans: list, layou
                     targets.update(c.apply_inputs(s, b))
                     values = cand.run(session, cmodel, b, feeds, targets, [o.name for o in cmodel.graph.output])
                     cand.keep(cseg, b, values)
-                    for t in sums:
-                        shape, names = stats[t.norm.y]
-                        rows, _, positions = (int(d) for d in host_array(values[shape]))
-                        got = {k: host_array(values[v]) for k, v in names.items()}
-                        t.add(rows if valid is None else valid, positions, got)
-                        if t.norm.y in cand.applies:  # every row, padding too: the segment applying it runs them
-                            c.moments.setdefault(t.norm.y, {})[b] = (got["sx"], got["sxx"], positions)
+                    _add_sums(c, sums, stats, values, valid, b)
                 c.seconds += time.perf_counter() - t0
             done += weights[s]
-            if progress:
-                rate = seen * done / total / max(time.perf_counter() - start, 1e-9)
-                progress(done, total, f"calibrating: segment {s + 1}/{count}, {rate:,.0f} samples/s")
-        rsess = csess = None
+            _report(progress, seen, done, total, start, s, count)
+        rsess = csess = fsess = None
         ref.release(s, len(batches))
         for c, plan in zip(cands, plans):
             t0 = time.perf_counter()

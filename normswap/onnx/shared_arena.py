@@ -1,6 +1,7 @@
 """One CPU memory arena shared by calibration's segment sessions, released when calibration ends.
 
-Calibration builds a session per segment and model (35-122 of them on real models) and runs each over the data
+Calibration builds a session per segment (35-122 of them on real models; two per segment before the original's
+and the converted model's were fused) and runs each over the data
 once: with a private arena each session allocates its working memory afresh from the system, and that arena
 dies with the session. Sessions created with ``session.use_env_allocators`` instead take their CPU
 memory from an arena registered once in onnxruntime's environment (``onnxruntime.create_and_register_allocator``),
