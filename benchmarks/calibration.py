@@ -45,6 +45,9 @@ MEASURED = [
     "| fitted layers as A * x + B, next-segment values left in the shared arena (2026-12-02), same process, before -> "
     "after, seconds (section 8) | 3.82 / 3.13 -> 3.01 / 2.97 | 2.98 / 3.20 -> 2.73 / 2.82 | 7.69 / 7.17 -> "
     "6.98 / 6.67 | 24.6 / 28.1 -> 22.8 / 23.3 (64 samples) |",
+    "| the original's and the converted model's segment in one session and one run (2026-12-02, later), same "
+    "process, before -> after, seconds (section 8) | 2.85 / 3.09 -> 2.91 / 2.76 | 2.81 / 2.19 -> 2.30 / 2.25 | "
+    "6.12 / 5.83 -> 5.98 / 5.69 | 22.8 / 23.0 -> 22.4 / 21.2 (64 samples) |",
     "",
     "Also measured and not kept: onnxruntime graph optimization level for the segment sessions (all / extended "
     "/ basic: no difference beyond noise); calibration batch 8 / 16 / 32 / 64 (no trend on mobilenet_v2 or "
@@ -58,8 +61,9 @@ MEASURED = [
     "memory passes over each new layer's input and target that no onnxruntime op does in fewer (even in one run "
     "of each model, with no segments, they put the PP-OCR classifier at 5.4x and densenet121 at 4.1x); keeping "
     "the original's BN outputs, which the fused Conv + BN + activation must then write; a session and a run per "
-    "segment and model (3.3 ms to create each session: 0.3-1 s for 53-122 segments); and Python (the group fits, "
-    "freeing kept values). On these 2-core CPUs that is 4-6x one forward pass for the small ONNX models over 64 "
+    "segment (3.3 ms to create each of the two sessions a segment had before they were fused, 0.3-1 s for "
+    "53-122 segments; onnxruntime's session cost grows with the nodes, so fusing the two halved the count of "
+    "sessions, not their cost); and Python (the group fits, freeing kept values, setting up). On these 2-core CPUs that is 4-6x one forward pass for the small ONNX models over 64 "
     "samples and about 3.5-4x for resnet50 over 256 samples. The PyTorch path, whose segments cost no session, "
     "stays at 2.4-3x; there, reducing the sums in float64 made resnet50 1.5x slower for no change in the fit, so "
     "they are float32 after centring.", "",
@@ -157,8 +161,11 @@ def render(rows: list[dict]) -> list[str]:
               "between segments (CPU: OrtValues in one shared arena, those read beyond the next segment copied "
               "out of it; GPU: OrtValues through IO binding; torch: tensors on the device), within the memory "
               "budget. What remains above one forward pass of each model is the fit sums, the original's BN "
-              "outputs written out, and per-segment cost (a session and a run per segment and model); "
-              "it weighs most on small models over few samples.", ""] + MEASURED
+              "outputs written out, and per-segment cost (a session and a run per segment, the original's and the "
+              "converted model's segment together in one: `normswap/onnx/fused_segments.py`); it weighs most on "
+              "small models over few samples. Rows move by 10-30% between runs on this shared machine (ONNX "
+              "resnet18 took 3.7x in the run before this one and 4.3x in this one, 2.8-3.0x in section 8's "
+              "same-process rounds).", ""] + MEASURED
     return lines
 
 

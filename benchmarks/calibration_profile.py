@@ -268,9 +268,10 @@ FINDINGS = (
     "pays a session "
     "and a run per segment and model (0.2-1.0 s: 3.3 ms to create each session, 2.1 ms with one thread, 2.5 ms "
     "without optimizations) and Python (0.4-2.2 s: the group fits, freeing kept values, building segments). "
-    "Not built yet: the calibration set as one batch with every fit solved inside one run (float64 solves and "
-    "the group choice as graph nodes) would remove the segments' cost -- what keeps mobilenet_v2 and "
-    "densenet121 above 4x, their floors with sums being 2.8-4.1x -- but not the floor with sums, and it needs "
+    "Considered then: the calibration set as one batch with every fit solved inside one run (float64 solves "
+    "and the group choice as graph nodes), thought to remove the segments' cost -- what keeps mobilenet_v2 and "
+    "densenet121 above 4x, their floors with sums being 2.8-4.1x -- but not the floor with sums (the next "
+    "profile showed it would not remove the sessions' cost either: below), and it needs "
     "the whole set in one batch: at 256 lines the classifier's floor with sums was 3.2 s at batch 256 against "
     "1.9 s at 64 (large batches outgrow the caches).",
     "- Kept (2026-12-02, later; the table above is its profile): segment s of the original and of the converted "
@@ -286,7 +287,24 @@ FINDINGS = (
     "5.69 s -- no trend. What is left above the segment runs on mobilenet_v2 (2.3 s in all, its runs 1.3 s): "
     "sessions 0.37 s, setting up 0.41 s (reading the original again 0.13 s -- its structure check made 2x "
     "faster -- the check that its fixed batch can be freed 0.15 s, planning the segments 0.08 s), fits and "
-    "bookkeeping 0.27 s.",
+    "bookkeeping 0.27 s. So the calibration set as one batch with every fit solved inside one run of each model "
+    "would not remove the sessions' cost either (the same nodes, in two sessions), only that bookkeeping, and "
+    "would add in-graph solves: its floor is the floor with sums plus the sessions and setting up, at least "
+    "4.4x on mobilenet_v2 by the profiles of 2026-12-02 (its floor with sums 2.8x, 3.2x and 4.7x in three) -- "
+    "it was not built.",
+    "- What else could compute the fit sums, on the tensors of `benchmarks/reduction_ops.py` (2026-12-02, "
+    "fastest of 5 rounds; onnxruntime's today -- Sub, ReduceSum, ReduceSumSquare per side, Mul then ReduceSum "
+    "for the product -- take 6.2 ms on a (64, 16, 24, 96) float32 pair and 42 ms on (16, 256, 56, 56)): torch "
+    "(2 threads) 1.7 ms and 65 ms for the centred x side alone, its var_mean 8.3 ms and 46 ms; numpy's einsum "
+    "0.7-0.9 ms per sum on the small pair in one pass, but it accumulates float32 without centring (what "
+    "centring protects against) and centring costs a pass per side; numba 0.68 (a kernel reading x and y once, "
+    "float64 accumulators, 2 threads) all five centred moments in 2.1 ms and 11.4 ms -- 3-3.7x faster than "
+    "onnxruntime -- but importing numba takes 0.4-0.5 s and loading its cached kernel 0.4 s (compiling it 3.6 s "
+    "the first time): a net loss where the target is missed by least (the classifier's sums cost 0.6-0.9 s "
+    "in all), a gain of about 3-4 s on resnet50 at 224x224. None is taken: the sums stay onnxruntime's, and "
+    "below what they cost no design built from onnxruntime's ops can go (the floors with sums above); a "
+    "compiled one-pass kernel (an onnxruntime custom-op library) would take them to about what numba's kernel "
+    "costs, without the import.",
 )
 
 
