@@ -116,3 +116,22 @@ def test_fused_segments_fit_what_separate_sessions_fit(digits, monkeypatch, targ
     for t in separate.graph.initializer:
         np.testing.assert_allclose(fitted[t.name], onnx.numpy_helper.to_array(t), rtol=1e-5, atol=1e-6,
                                    err_msg=t.name)
+
+
+def test_a_conversion_to_another_opset_calibrates_with_the_segments_apart(digits, monkeypatch):
+    """The original at its own opset and the converted model upgraded are not fused (their nodes may mean
+    different things): each segment then has a session per model, and the fit still holds."""
+    import normswap
+    fused = []
+    real = calibrate_module.can_fuse
+
+    def spy(first, second):
+        fused.append(real(first, second))
+        return fused[-1]
+    monkeypatch.setattr(calibrate_module, "can_fuse", spy)
+    opened = _sessions(monkeypatch)
+    result = normswap.convert(MODEL, "group", calibration=digits, opset=21, refine=False, validate=False,
+                              progress=False)
+    assert fused == [False] and result.report.calibration.layers_changed
+    assert len(opened) > result.report.calibration.segments  # the original's and the converted's sessions
+    assert any(name.startswith(calibrate_module.TARGET) for names in opened for name in names)
