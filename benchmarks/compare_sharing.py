@@ -15,11 +15,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "fixtures"))
+sys.path.insert(0, str(ROOT))
 
 import make_fixtures  # noqa: E402
 
 import normswap  # noqa: E402
-from normswap.onnx import calibrate as calibrate_module  # noqa: E402
+from tests.builders import count_original_runs  # noqa: E402
 
 TARGETS = ("group", "layer", "instance")
 REPEATS = 3
@@ -30,34 +31,22 @@ def main() -> None:
     (x_train, y_train), (x_test, _) = make_fixtures.digits()
     torch.manual_seed(0)
     net = make_fixtures.train(make_fixtures.build_model(), x_train, y_train, seed=0)
-    calls, original = {"n": 0}, []  # runs of sessions holding the original's segments (alone or fused)
-    session, run = calibrate_module._Runner.session, calibrate_module._run_bound
-
-    def opening(self, *args, **kwargs):
-        opened = session(self, *args, **kwargs)
-        if self.tag == "r":
-            original.append(opened)
-        return opened
-
-    def counting(opened, *args, **kwargs):
-        calls["n"] += any(opened is o for o in original)
-        return run(opened, *args, **kwargs)
-    calibrate_module._Runner.session, calibrate_module._run_bound = opening, counting
+    runs = count_original_runs(setattr)  # for the whole process
     calib, held = {"x": x_train[:300]}, {"x": x_test}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "net.onnx"
         make_fixtures.export(net, path)
         separate, shared = [], []
         for _ in range(REPEATS):
-            calls["n"] = 0
+            runs.clear()
             t0 = time.perf_counter()
             for target in TARGETS:
                 normswap.convert(path, to=target, calibration=calib, inputs=held, provider="cpu", refine=False)
-            separate.append((time.perf_counter() - t0, calls["n"]))
-            calls["n"] = 0
+            separate.append((time.perf_counter() - t0, len(runs)))
+            runs.clear()
             t0 = time.perf_counter()
             normswap.compare(path, TARGETS, calibration=calib, inputs=held, provider="cpu", latency=False)
-            shared.append((time.perf_counter() - t0, calls["n"]))
+            shared.append((time.perf_counter() - t0, len(runs)))
     a, b = min(s[0] for s in separate), min(s[0] for s in shared)
     print(f"three converts: {a:.2f} s, original's segment runs {separate[0][1]}")
     print(f"one compare:    {b:.2f} s, original's segment runs {shared[0][1]}  ({b / a:.2f}x the time)")

@@ -307,12 +307,15 @@ def group_fit_sums(sx: np.ndarray, sxx: np.ndarray, sxy: np.ndarray, sy: np.ndar
     sample is below that fraction of its mean square as given is constant there, and its z is 0 exactly
     (default: float64 sums)."""
     sx, sxx, sxy, sy, syy = (np.asarray(a, np.float64) for a in (sx, sxx, sxy, sy, syy))
-    moments = (sx, sxx, *unshift_moments(sx, sxx, positions, x_center), _unshift_cross(sxy, sy, x_center), sy, syy)
-    return _group_fit_sums(*moments, positions, groups, eps, precision)
+    return _group_fit_sums(*_unshifted(sx, sxx, sxy, sy, syy, positions, x_center), positions, groups, eps,
+                           precision)
 
 
-def _unshift_cross(sxy: np.ndarray, sy: np.ndarray, x_center: np.ndarray | None) -> np.ndarray:
-    return sxy if x_center is None else sxy + np.asarray(x_center, np.float64).reshape(1, -1) * sy
+def _unshifted(sx, sxx, sxy, sy, syy, positions: int, x_center: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """``(sx, sxx)`` as given (centred), then ``sum x``, ``sum x^2``, ``sum x y`` shifted back, ``sy``, ``syy``:
+    what ``_group_fit_sums`` takes."""
+    cross = sxy if x_center is None else sxy + np.asarray(x_center, np.float64).reshape(1, -1) * sy
+    return (sx, sxx, *unshift_moments(sx, sxx, positions, x_center), cross, sy, syy)
 
 
 def _group_fit_sums(sx_centred, sxx_centred, sx, sxx, sxy, sy, syy, positions: int, groups: int, eps: float,
@@ -412,9 +415,7 @@ class CandidateSums:
         out = {}
         moments = None
         if got and any(g is not None for g in self.candidates):  # shifted back once for every candidate
-            sx, sxx, sxy, sy, syy = (got[k] for k in MOMENTS)
-            moments = (sx, sxx, *unshift_moments(sx, sxx, self.positions, self.x_center),
-                       _unshift_cross(sxy, sy, self.x_center), sy, syy)
+            moments = _unshifted(*(got[k] for k in MOMENTS), self.positions, self.x_center)
         for groups in self.candidates:
             fit = out[groups] = AffineFit(self.channels, self.y_center)
             if not got:

@@ -180,3 +180,26 @@ def paddle_style(rng: np.random.Generator, head: str = "map", opset: int = 11, i
         inputs += [vi(t.name, list(t.dims)) for t in inits]
     m = model(nodes, inputs, [vi(output, out_shape)], inits, opset=opset, ir=ir, producer_name="PaddlePaddle")
     return m
+
+
+def count_original_runs(setattr_) -> list:
+    """Instrument ONNX calibration so that every run of a session holding the original's segments (alone, or
+    fused with a single conversion's) appends to the returned list. ``setattr_``: how to patch (pytest's
+    ``monkeypatch.setattr``, or ``setattr`` for a whole process)."""
+    from normswap.onnx import calibrate
+    calls, original = [], []  # the sessions themselves: kept alive, so no id is reused
+    session, run = calibrate._Runner.session, calibrate._run_bound
+
+    def opening(self, *args, **kwargs):
+        opened = session(self, *args, **kwargs)
+        if self.tag == "r":
+            original.append(opened)
+        return opened
+
+    def counting(opened, *args, **kwargs):
+        if any(opened is o for o in original):
+            calls.append(1)
+        return run(opened, *args, **kwargs)
+    setattr_(calibrate._Runner, "session", opening)
+    setattr_(calibrate, "_run_bound", counting)
+    return calls

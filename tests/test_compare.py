@@ -9,8 +9,9 @@ import pytest
 import normswap
 from normswap.comparison import NORMALIZING, recommend
 from normswap.errors import UsageError
-from normswap.onnx import calibrate as calibrate_module
 from normswap.report import CompareRow
+
+from tests.builders import count_original_runs
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 MODEL = FIXTURES / "digits_resnet.onnx"
@@ -30,30 +31,9 @@ def compared(digits):
     return normswap.compare(MODEL, calibration=calib, inputs=held, groups="auto", provider="cpu")
 
 
-def _reference_runs(monkeypatch):
-    """Count the runs of sessions holding the original's segments during calibration (alone, or fused with a
-    single conversion's)."""
-    calls, original = [], []  # the sessions themselves: kept alive, so no id is reused
-    session, run = calibrate_module._Runner.session, calibrate_module._run_bound
-
-    def opening(self, *args, **kwargs):
-        opened = session(self, *args, **kwargs)
-        if self.tag == "r":
-            original.append(opened)
-        return opened
-
-    def counting(opened, *args, **kwargs):
-        if any(opened is o for o in original):
-            calls.append(1)
-        return run(opened, *args, **kwargs)
-    monkeypatch.setattr(calibrate_module._Runner, "session", opening)
-    monkeypatch.setattr(calibrate_module, "_run_bound", counting)
-    return calls
-
-
 def test_replacement_targets_share_one_run_of_the_original(digits, monkeypatch):
     calib, held = digits
-    calls = _reference_runs(monkeypatch)
+    calls = count_original_runs(monkeypatch.setattr)
     normswap.convert(MODEL, to="layer", calibration=calib, validate=False, refine=False)
     alone = len(calls)
     calls.clear()

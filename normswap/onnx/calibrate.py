@@ -228,15 +228,39 @@ class _Fused:
     """Segment ``s`` of the original and of one candidate in one session (``fused_segments``): the BN outputs
     its fits read flow inside it; those no later segment of the original reads are not written out."""
 
+    ref: _Runner
+    cand: "_Candidate"
+    rseg: Segment
+    cseg: Segment
+    sums: list[CandidateSums]
     model: onnx.ModelProto
     session: object
     stats: dict
     ref_writes: list[str]   # the original's writes still kept
     unlinked: list[str]     # targets the session does not compute (fed from the values kept)
 
-    def run(self, ref: _Runner, c: "_Candidate", rseg: Segment, cseg: Segment, sums: list[CandidateSums], s: int,
-            b: int, feeds: Mapping[str, np.ndarray], valid: int | None, store: ActivationStore) -> None:
-        targets = {TARGET + y: store.get(ref.key(y), b) for y in self.unlinked}
+    @classmethod
+    def open(cls, ref: _Runner, c: "_Candidate", rseg: Segment, cseg: Segment, sums: list[CandidateSums]
+             ) -> "_Fused":
+        """Build and open segment ``rseg.index`` of the original fused with the candidate's (with its fit sums)."""
+        s, store = rseg.index, ref.store
+        dtypes = {t.norm.y: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.norm.elem_type)) for t in sums}
+        dtypes.update({y: store.dtypes[ref.key(y)] for y in dtypes if ref.key(y) in store.dtypes})  # kept already
+        cmodel, stats = _stats_model(c.runner, cseg, sums, c.opset, dtypes.__getitem__)
+        links = {TARGET + t.norm.y: t.norm.y for t in sums}
+        # data inputs both read are bound once (not initializers listed as inputs: the converted may change them)
+        links.update({name: name for name in ref.tables.inputs
+                      if name not in ref.tables.initializers and name not in c.runner.tables.initializers})
+        drop = {t.norm.y for t in sums if ref.plan.last_use.get(t.norm.y, s) <= s}
+        model = fuse(ref.build(rseg), cmodel, FUSED, links, drop)
+        inputs = {i.name for i in model.graph.input}
+        unlinked = [t.norm.y for t in sums if FUSED + TARGET + t.norm.y in inputs]
+        return cls(ref, c, rseg, cseg, sums, model, ref.session(model, s), stats,
+                   [w for w in rseg.writes if w not in drop], unlinked)
+
+    def run(self, b: int, feeds: Mapping[str, np.ndarray], valid: int | None) -> None:
+        ref, c, s = self.ref, self.cand, self.rseg.index
+        targets = {TARGET + y: ref.store.get(ref.key(y), b) for y in self.unlinked}
         targets.update(c.apply_inputs(s, b))
 
         def lookup(name: str):
@@ -245,27 +269,49 @@ class _Fused:
             return ref.value(name, b, feeds, {})
 
         values = _run_bound(self.session, self.model, ref.device, lookup, [o.name for o in self.model.graph.output])
-        ref.keep(rseg, b, values, self.ref_writes)
+        ref.keep(self.rseg, b, values, self.ref_writes)
         mine = {k[len(FUSED):]: v for k, v in values.items() if k.startswith(FUSED)}
-        c.runner.keep(cseg, b, mine)
-        _add_sums(c, sums, self.stats, mine, valid, b)
+        c.runner.keep(self.cseg, b, mine)
+        _add_sums(c, self.sums, self.stats, mine, valid, b)
 
 
-def _fused_session(ref: _Runner, c: "_Candidate", rseg: Segment, cseg: Segment, sums: list[CandidateSums], s: int,
-                   store: ActivationStore) -> _Fused:
-    """Build and open segment ``s`` of the original fused with the candidate's (with its fit sums)."""
-    dtypes = {t.norm.y: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.norm.elem_type)) for t in sums}
-    dtypes.update({y: store.dtypes[ref.key(y)] for y in dtypes if ref.key(y) in store.dtypes})  # kept already
-    cmodel, stats = _stats_model(c.runner, cseg, sums, c.opset, dtypes.__getitem__)
-    links = {TARGET + t.norm.y: t.norm.y for t in sums}
-    # data inputs both read are bound once (not initializers listed as inputs: the converted may change them)
-    links.update({name: name for name in ref.tables.inputs
-                  if name not in ref.tables.initializers and name not in c.runner.tables.initializers})
-    drop = {t.norm.y for t in sums if ref.plan.last_use.get(t.norm.y, s) <= s}
-    model = fuse(ref.build(rseg), cmodel, FUSED, links, drop)
-    inputs = {i.name for i in model.graph.input}
-    unlinked = [t.norm.y for t in sums if FUSED + TARGET + t.norm.y in inputs]
-    return _Fused(model, ref.session(model, s), stats, [w for w in rseg.writes if w not in drop], unlinked)
+class _Apart:
+    """Segment ``s`` of the original and of each candidate in sessions of their own (when several conversions
+    share one run of the original, or the models cannot be fused): the original's BN outputs are kept and fed
+    to each candidate's session."""
+
+    def __init__(self, ref: _Runner, rseg: Segment, cands: list[tuple["_Candidate", Segment, list[CandidateSums]]]
+                 ) -> None:
+        self.ref, self.rseg, self.cands = ref, rseg, cands
+        self.rsess: tuple | None = None
+        self.csess: dict[str, tuple] = {}
+
+    def run(self, b: int, feeds: Mapping[str, np.ndarray], valid: int | None) -> float:
+        """Run batch ``b`` through every session; the seconds the original's run took (each candidate's go to its
+        own ``seconds``)."""
+        ref, rseg, s = self.ref, self.rseg, self.rseg.index
+        t0 = time.perf_counter()
+        if rseg.nodes:
+            if self.rsess is None:
+                rmodel = ref.build(rseg)
+                self.rsess = (rmodel, ref.session(rmodel, s))
+            ref.keep(rseg, b, ref.run(self.rsess[1], self.rsess[0], b, feeds, {}, rseg.writes))
+        ref_seconds = time.perf_counter() - t0
+        for c, cseg, sums in self.cands:
+            t0 = time.perf_counter()
+            if cseg.nodes or sums:
+                if c.tag not in self.csess:
+                    cmodel, stats = _stats_model(c.runner, cseg, sums, c.opset,
+                                                 lambda y: ref.store.dtypes[ref.key(y)])
+                    self.csess[c.tag] = (cmodel, c.runner.session(cmodel, s), stats)
+                cmodel, session, stats = self.csess[c.tag]
+                targets = {TARGET + t.norm.y: ref.store.get(ref.key(t.norm.y), b) for t in sums}
+                targets.update(c.apply_inputs(s, b))
+                values = c.runner.run(session, cmodel, b, feeds, targets, [o.name for o in cmodel.graph.output])
+                c.runner.keep(cseg, b, values)
+                _add_sums(c, sums, stats, values, valid, b)
+            c.seconds += time.perf_counter() - t0
+        return ref_seconds
 
 
 def _run_bound(session, model: onnx.ModelProto, device: str, lookup: Callable[[str], object],
@@ -422,44 +468,20 @@ def _run(ref_model: onnx.ModelProto, cands: list[_Candidate], plans: list, layou
         here = {c.tag: [CandidateSums(n, _candidates(n, c.job.choose_groups),
                                       tensor_array(c.inits[n.shift]).reshape(-1), centres[n.y], n.channels, n.eps)
                         for n in c.fitted if plan[2][n.y] == s] for c, plan in zip(cands, plans)}
-        rsess, csess, fsess = None, {}, None
         fuse_here = fuse and bool(rseg.nodes) and bool(_segment(plans[0][0], s).nodes or here[cands[0].tag])
+        runs: _Fused | _Apart | None = None
         for b, (feeds, valid) in enumerate(batches):
             if fuse_here:  # the original's and the candidate's segment in one session and run
-                c = cands[0]
                 t0 = time.perf_counter()
-                cseg, sums = _segment(plans[0][0], s), here[c.tag]
-                if fsess is None:
-                    fsess = _fused_session(ref, c, rseg, cseg, sums, s, store)
-                fsess.run(ref, c, rseg, cseg, sums, s, b, feeds, valid, store)
-                c.seconds += time.perf_counter() - t0
-                done += weights[s]
-                _report(progress, seen, done, total, start, s, count)
-                continue
-            t0 = time.perf_counter()
-            if rseg.nodes:
-                if rsess is None:
-                    rmodel = ref.build(rseg)
-                    rsess = (rmodel, ref.session(rmodel, s))
-                ref.keep(rseg, b, ref.run(rsess[1], rsess[0], b, feeds, {}, rseg.writes))
-            ref_seconds += time.perf_counter() - t0
-            for c, plan in zip(cands, plans):
-                t0 = time.perf_counter()
-                cseg, sums, cand = _segment(plan[0], s), here[c.tag], c.runner
-                if cseg.nodes or sums:
-                    if c.tag not in csess:
-                        cmodel, stats = _stats_model(cand, cseg, sums, c.opset, lambda y: store.dtypes[ref.key(y)])
-                        csess[c.tag] = (cmodel, cand.session(cmodel, s), stats)
-                    cmodel, session, stats = csess[c.tag]
-                    targets = {TARGET + t.norm.y: store.get(ref.key(t.norm.y), b) for t in sums}
-                    targets.update(c.apply_inputs(s, b))
-                    values = cand.run(session, cmodel, b, feeds, targets, [o.name for o in cmodel.graph.output])
-                    cand.keep(cseg, b, values)
-                    _add_sums(c, sums, stats, values, valid, b)
-                c.seconds += time.perf_counter() - t0
+                runs = runs or _Fused.open(ref, cands[0], rseg, _segment(plans[0][0], s), here[cands[0].tag])
+                runs.run(b, feeds, valid)
+                cands[0].seconds += time.perf_counter() - t0
+            else:
+                runs = runs or _Apart(ref, rseg, [(c, _segment(p[0], s), here[c.tag]) for c, p in zip(cands, plans)])
+                ref_seconds += runs.run(b, feeds, valid)
             done += weights[s]
             _report(progress, seen, done, total, start, s, count)
-        rsess = csess = fsess = None
+        runs = None  # the segment's sessions end before its fits
         ref.release(s, len(batches))
         for c, plan in zip(cands, plans):
             t0 = time.perf_counter()

@@ -1,9 +1,8 @@
 """One CPU memory arena shared by calibration's segment sessions, released when calibration ends.
 
 Calibration builds a session per segment (35-122 of them on real models; two per segment before the original's
-and the converted model's were fused) and runs each over the data
-once: with a private arena each session allocates its working memory afresh from the system, and that arena
-dies with the session. Sessions created with ``session.use_env_allocators`` instead take their CPU
+and the converted model's were fused) and runs each over the data once: with a private arena each session
+allocates its working memory afresh from the system, and that arena dies with the session. Sessions created with ``session.use_env_allocators`` instead take their CPU
 memory from an arena registered once in onnxruntime's environment (``onnxruntime.create_and_register_allocator``),
 so each segment reuses the memory the previous one already touched. Measured in one process, three
 calibrations each (``--to group``, groups by fit): the PP-OCR text classifier (256 lines, 35 segments)
@@ -14,8 +13,9 @@ The arena outlives every session, so ``release`` shrinks it afterwards (a run wi
 ``memory.enable_memory_arena_shrinkage``): the memory left resident after mobilenet_v2's calibration went from
 692 MB back to 420 MB (386 MB with private arenas). Only sessions that ask for it use the shared arena; a user's
 own sessions in the same process are unaffected, and calibration on a GPU keeps each session's own allocators
-(its values stay in device memory; the shared arena was measured on the CPU only). Where it cannot be registered (the process already has one,
-someone else's, or an onnxruntime without the call) sessions keep private arenas.
+(its values stay in device memory; the shared arena was measured on the CPU only). Where it cannot be
+registered (the process already has one, someone else's, or an onnxruntime without the call) sessions keep
+private arenas.
 """
 from __future__ import annotations
 
