@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.calibration_profile import CASES as PROFILED, model_and_data, yardstick  # noqa: E402
+from benchmarks.calibration_profile import (  # noqa: E402
+    CASES as PROFILED, calibrated, model_and_data, yardstick)
 
 SECTION = "## 8. Calibration changes, measured in one process"
 CASES = {k: PROFILED[k] for k in ("ppocr-cls", "mobilenet_v2", "densenet121", "resnet18", "resnet50", "ppocrv4-det")}
@@ -29,7 +30,6 @@ ROUNDS = 2
 
 
 def measure(key: str) -> dict:
-    import normswap
     import normswap.onnx.calibrate as calibrate
     now = calibrate.can_fuse
     seconds = {"before": [], "after": []}
@@ -38,12 +38,7 @@ def measure(key: str) -> dict:
         seconds_one_pass = yardstick(key, path, x)
         for _ in range(ROUNDS):
             for variant, patch in (("before", lambda *args: False), ("after", now)):
-                calibrate.can_fuse = patch
-                try:
-                    result = normswap.convert(path, "group", groups="auto", calibration={"x": x}, refine=False,
-                                              validate=False, progress=False)
-                finally:
-                    calibrate.can_fuse = now
+                result = calibrated(path, x, [(calibrate, "can_fuse", patch)])
                 seconds[variant].append(result.report.calibration.seconds)
     row = {"model": key, "side": CASES[key][1], "samples": len(x), "yardstick": seconds_one_pass, **seconds}
     print(row, file=sys.stderr)

@@ -127,8 +127,20 @@ def profile(key: str) -> dict:
         return _profile(key, path, x)
 
 
-def _profile(key: str, path: str, x: np.ndarray) -> dict:
+def calibrated(path: str, x: np.ndarray, patches=()):
+    """``--to group``, groups chosen by fit, calibrated on ``x`` (no refinement, no validation), with each
+    ``(object, attribute, value)`` of ``patches`` in place while it runs."""
+    import contextlib
+    from unittest import mock
     import normswap
+    with contextlib.ExitStack() as stack:
+        for target, attribute, value in patches:
+            stack.enter_context(mock.patch.object(target, attribute, value))
+        return normswap.convert(path, "group", groups="auto", calibration={"x": x}, refine=False, validate=False,
+                                progress=False)
+
+
+def _profile(key: str, path: str, x: np.ndarray) -> dict:
     import normswap.onnx.calibrate as calibrate
     spent = {"runs": 0.0, "sessions": 0.0}
     runs, sessions = calibrate._run_bound, calibrate._Runner.session
@@ -147,11 +159,7 @@ def _profile(key: str, path: str, x: np.ndarray) -> dict:
         finally:
             spent["sessions"] += time.perf_counter() - start
 
-    calibrate._run_bound, calibrate._Runner.session = run, session
-    try:
-        result = normswap.convert(path, "group", calibration={"x": x}, refine=False, validate=False, progress=False)
-    finally:
-        calibrate._run_bound, calibrate._Runner.session = runs, sessions
+    result = calibrated(path, x, [(calibrate, "_run_bound", run), (calibrate._Runner, "session", session)])
     c = result.report.calibration
     row = {"model": key, "samples": len(x), "side": CASES[key][1], "bns": len(result.report.layers),
            "segments": c.segments, "layout": c.batch_layout, "calibration": c.seconds,
@@ -172,7 +180,8 @@ def render(rows: list[dict]) -> list[str]:
              "layer's fit sums -- what it would cost in one run of each model, with no segments (then not the "
              "sequential fit).", "",
              "'segment runs': onnxruntime runs of the segments (the original's and the converted's segment, with "
-             "its fit sums, in one session each).", "",
+             "its fit sums, in one session each). On this shared machine the yardstick itself moves by up to 2x "
+             "between runs (the classifier's took 0.33-0.63 s on 2026-12-02), and every multiple with it.", "",
              "| model | samples | BNs | segments | yardstick | floor | floor with sums | calibration | segment runs "
              "| sessions | rest (Python) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -283,11 +292,12 @@ FINDINGS = (
     "session takes 0.7-0.9 ms to create, with per-session thread pools or the global one alike; mobilenet_v2's "
     "53 fused segment models took 0.18-0.26 s to open with every optimization, 0.11-0.13 s with none). "
     "Measured and not kept: calibration batches 16 / 32 / 64 with fused segments, best of two rounds in one "
-    "process: the classifier 2.18 / 1.87 / 1.85 s, mobilenet_v2 2.41 / 2.14 / 2.33 s, densenet121 5.82 / 5.60 / "
-    "5.69 s -- no trend. What is left above the segment runs on mobilenet_v2 (2.3 s in all, its runs 1.3 s): "
-    "sessions 0.37 s, setting up 0.41 s (reading the original again 0.13 s -- its structure check made 2x "
-    "faster -- the check that its fixed batch can be freed 0.15 s, planning the segments 0.08 s), fits and "
-    "bookkeeping 0.27 s. So the calibration set as one batch with every fit solved inside one run of each model "
+    "process: the classifier 2.09 / 2.17 / 2.31 s, mobilenet_v2 2.45 / 2.69 / 2.65 s, densenet121 9.33 / 7.86 / "
+    "7.91 s -- no trend beyond densenet121's batches of 16 being slower. What is left above the segment runs on "
+    "mobilenet_v2 (2.7 s in all under cProfile, its runs 1.3 s): sessions 0.38 s, the fits of every candidate "
+    "group count 0.28 s, setting up 0.33 s (reading the original again 0.09 s -- its structure check made 2x "
+    "faster -- the check that its fixed batch can be freed 0.16 s, planning the segments 0.08 s), other "
+    "bookkeeping about 0.35 s. So the calibration set as one batch with every fit solved inside one run of each model "
     "would not remove the sessions' cost either (the same nodes, in two sessions), only that bookkeeping, and "
     "would add in-graph solves: its floor is the floor with sums plus the sessions and setting up, at least "
     "4.4x on mobilenet_v2 by the profiles of 2026-12-02 (its floor with sums 2.8x, 3.2x and 4.7x in three) -- "
