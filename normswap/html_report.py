@@ -10,6 +10,7 @@ import math
 from html import escape
 
 from .report import CompareReport, ConversionReport, InspectReport, SensitivityReport, ValidationReport
+from .text_metrics import ASCENT, DESCENT, text_width
 
 WIDTH, HEIGHT = 720, 320
 LEFT, RIGHT, TOP, BOTTOM = 64, 150, 24, 48
@@ -23,12 +24,13 @@ th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.recommended td{background:#eaf6ea}.fail{color:#b00020;font-weight:600}.ok{color:#1a7f37}
 dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:600}dd{margin:0}
 figure{margin:1em 0}figcaption{font-size:.85em;color:#555}.note{color:#555;font-size:.9em}
-svg text{font-size:11px;fill:#333}svg.plot{max-width:100%;height:auto}
+svg text{font-family:"DejaVu Sans","Bitstream Vera Sans",sans-serif;font-size:11px;fill:#333}
+svg.plot{max-width:100%;height:auto}
 .scroll{overflow-x:auto;max-width:100%}h1{overflow-wrap:anywhere}
 @media (max-width:500px){body{margin:1em auto;font-size:15px}h1{font-size:1.2em}
 dl{grid-template-columns:auto}dd{margin:0 0 .4em 0}table{font-size:.75em}}
 """
-CHAR_WIDTH, LINE_HEIGHT = 6.6, 13.0  # an 11px label's advance per character and its line height, in SVG units
+FONT_SIZE = 11.0  # px, the CSS of ``svg text``; widths come from text_metrics (its face is pinned there)
 MIN_TICK_GAP = 12.0  # px between two x tick labels
 
 
@@ -69,11 +71,11 @@ def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return [start + k * step for k in range(int((hi - start) / step + 1e-9) + 1)]
 
 
-def _box(x: float, y: float, text: str, anchor: str = "start") -> tuple[float, float, float, float]:
-    """The box (x0, y0, x1, y1) an 11px label at (x, y) covers (y is its baseline)."""
-    width = CHAR_WIDTH * len(text)
+def _box(x: float, y: float, text: str, anchor: str = "start", bold: bool = False) -> tuple[float, ...]:
+    """The box (x0, y0, x1, y1) a label at (x, y) covers (y is its baseline), bounding what a browser draws."""
+    width = text_width(text, FONT_SIZE, bold)
     left = x - width / 2 if anchor == "middle" else (x - width if anchor == "end" else x)
-    return left, y - LINE_HEIGHT + 3, left + width, y + 3
+    return left, y - ASCENT * FONT_SIZE, left + width, y + DESCENT * FONT_SIZE
 
 
 def _overlaps(a, b) -> bool:
@@ -84,18 +86,19 @@ def _thin_ticks(positions: list[tuple[float, str]]) -> list[tuple[float, str]]:
     """Tick labels left to right, each kept only when it clears the last kept one by ``MIN_TICK_GAP``."""
     kept: list[tuple[float, str]] = []
     for x, text in sorted(positions):
-        half = CHAR_WIDTH * len(text) / 2
-        if not kept or x - half >= kept[-1][0] + CHAR_WIDTH * len(kept[-1][1]) / 2 + MIN_TICK_GAP:
+        half = text_width(text, FONT_SIZE) / 2
+        if not kept or x - half >= kept[-1][0] + text_width(kept[-1][1], FONT_SIZE) / 2 + MIN_TICK_GAP:
             kept.append((x, text))
     return kept
 
 
-def _place_label(x: float, y: float, text: str, taken: list, area: tuple[float, float, float, float]):
+def _place_label(x: float, y: float, text: str, taken: list, area: tuple[float, float, float, float],
+                 bold: bool = False):
     """A position for a point's label near (x, y) whose box overlaps no box in ``taken`` and stays in ``area``:
     above right first, then below, left, further away; None when nothing fits (the mark's tooltip remains)."""
     for dy in (-6, 14, -20, 28, -34, 42):
         for dx, anchor in ((6, "start"), (-6, "end")):
-            box = _box(x + dx, y + dy, text, anchor)
+            box = _box(x + dx, y + dy, text, anchor, bold)
             inside = box[0] >= area[0] and box[2] <= area[2] and box[1] >= area[1] and box[3] <= area[3]
             if inside and not any(_overlaps(box, t) for t in taken):
                 taken.append(box)
@@ -141,7 +144,7 @@ def svg_plot(series: list[tuple[str, list[tuple[float, float, str]]]], *, x_labe
     distinct = sorted({x for x, _ in points})
     xticks = distinct if len(distinct) <= 12 else [10 ** v if log_x else v for v in _ticks(x0, x1)]
     for x, text in _thin_ticks([(px(t), f"{t:.4g}") for t in xticks]):
-        parts.append(f'<text class="tick" x="{x:.1f}" y="{TOP + h + 16}" text-anchor="middle">{text}</text>')
+        parts.append(f'<text class="tick" x="{x:.1f}" y="{TOP + h + 18}" text-anchor="middle">{text}</text>')
     if reference_x is not None and math.isfinite(reference_x[0]):
         rx = px(reference_x[0])
         parts.append(f'<line class="reference" x1="{rx:.1f}" x2="{rx:.1f}" y1="{TOP}" y2="{TOP + h}" stroke="#777" '
@@ -173,7 +176,7 @@ def svg_plot(series: list[tuple[str, list[tuple[float, float, str]]]], *, x_labe
                          "</circle>")
             if not lines:
                 text = f"{label} (recommended)" if chosen else label
-                spot = _place_label(px(x), py(y), text, taken, area)
+                spot = _place_label(px(x), py(y), text, taken, area, bold=chosen)
                 if spot is not None:
                     weight = ' font-weight="bold"' if chosen else ""
                     parts.append(f'<text class="label" x="{spot[0]:.1f}" y="{spot[1]:.1f}" text-anchor="{spot[2]}"'

@@ -55,6 +55,29 @@ def test_compare_page_texts_never_overlap_and_fit_a_narrow_window(compare_page, 
     assert probe["pageWidth"] <= probe["window"] + 1  # tables scroll inside their box, plots shrink
 
 
+def test_plot_labels_never_overlap_whatever_the_points_and_labels(tmp_path):
+    """Crowded points (the compare page's five targets within a few pixels, as CI's timings once placed them:
+    a bold recommended label against its neighbour's), wide letters and non-ASCII labels: every placed label clears
+    every other text as the browser draws it."""
+    from normswap.html_report import _page, svg_plot
+    rng = np.random.default_rng(20261202)
+    words = ["fold", "affine", "group", "layer", "instance", "WWWWMM", "mmmm.wwww", "Conv_0/BN", "ÄÖÜ", "批归一化",
+             "J?_J?_"]
+    plots = []
+    for k in range(120):
+        count = int(rng.integers(3, 9))
+        labels = [str(w) for w in rng.choice(words, count, replace=False)]
+        x = rng.uniform(1.0, 1.0 + rng.choice([0.05, 0.5, 5.0]), count)
+        y = 1 - rng.uniform(0, rng.choice([0.005, 0.05, 0.5]), count)
+        y[rng.random(count) < 0.3] = 1.0
+        plots.append(svg_plot([("targets", list(zip(x.tolist(), y.tolist(), labels)))], x_label="latency (ms)",
+                              y_label="agreement", title=f"plot {k}", lines=False, plot_id=f"p{k}",
+                              highlight=labels[int(rng.integers(count))],
+                              reference_x=(float(rng.uniform(0.9, 1.2)), "original")))
+    probe = _render(_page("crowded plots", plots), tmp_path, 1200)
+    assert probe["overlaps"] == []
+
+
 def test_the_probe_sees_an_overlap_when_there_is_one(tmp_path):
     page = ('<!DOCTYPE html><html xmlns="http://www.w3.org/1999/xhtml"><body><svg xmlns="http://www.w3.org/2000/svg" '
             'width="200" height="50"><text x="10" y="20">82.75</text><text x="14" y="20">87.56</text></svg>'

@@ -85,7 +85,8 @@ def test_plot_labels_and_ticks_never_overlap():
                                   x_label="ms", y_label="agreement", title="t", lines=False, highlight="group",
                                   reference_x=(80.0, "original")))
     texts = [t for t in root.iter(f"{SVG}text") if t.get("class") in ("label", "tick")]
-    boxes = [_box(float(t.get("x")), float(t.get("y")), t.text, t.get("text-anchor") or "start") for t in texts]
+    boxes = [_box(float(t.get("x")), float(t.get("y")), t.text, t.get("text-anchor") or "start",
+                  t.get("font-weight") == "bold") for t in texts]
     assert len([t for t in texts if t.get("class") == "tick"]) >= 2
     assert not any(_overlaps(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     assert any(t.text == "group (recommended)" for t in texts)
@@ -133,3 +134,20 @@ def test_plot_leaves_out_non_finite_values():
                    title="t")
     root = ET.fromstring(svg)
     assert [c.get("data-label") for c in root.iter(f"{SVG}circle")] == ["a", "c"]
+
+
+@pytest.mark.parametrize("bold", [False, True])
+def test_label_widths_are_the_pinned_face_advances(bold):
+    """The width table is DejaVu Sans' own (read from the copy matplotlib ships): a label's box is the face's
+    advance sum times the margin, so a wrong or shifted table entry breaks it."""
+    import matplotlib
+    from fontTools.ttLib import TTFont
+
+    from normswap.text_metrics import MARGIN, OTHER, text_width
+    font = TTFont(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / f"DejaVuSans{'-Bold' if bold else ''}.ttf")
+    cmap, advances, per_em = font.getBestCmap(), font["hmtx"], font["head"].unitsPerEm
+    for code in range(32, 127):
+        face = advances[cmap[code]][0] * 11.0 / per_em
+        assert text_width(chr(code), 11.0, bold) == pytest.approx(face * MARGIN, abs=0.01), chr(code)
+    assert text_width("group (recommended)", 11.0, True) > text_width("group (recommended)", 11.0, False)
+    assert text_width("批", 11.0, bold) == pytest.approx(OTHER * 11.0 / 1000 * MARGIN)
