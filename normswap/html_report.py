@@ -124,6 +124,7 @@ def svg_plot(series: list[tuple[str, list[tuple[float, float, str]]]], *, x_labe
     y0, y1 = min(ys), max(ys)
     if x1 == x0:
         x0, x1 = x0 - 1, x1 + 1
+    x0, x1 = x0 - (x1 - x0) * 0.03, x1 + (x1 - x0) * 0.03  # marks at the extremes clear of the frame
     pad = (y1 - y0) * 0.08 or max(abs(y1) * 0.05, 1e-3)
     y0, y1 = y0 - pad, y1 + pad
     w, h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
