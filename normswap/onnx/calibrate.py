@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from .._math import CandidateSums, fit_choice_note, solve_candidates
+from ..calibration_checks import InputScale, input_scale, range_note, sample_note
 from ..report import CalibrationReport
 from .activations import host_array, ort_device
 from .batching import choose_layout, iter_layout, sample_count
@@ -379,6 +380,7 @@ class _Candidate:
         self.centres: dict[str, np.ndarray] = {}  # each layer's input centre (its BN's running mean)
         self.moments: dict[str, dict[int, tuple]] = {}  # applied layer -> batch -> (sx, sxx, positions)
         self.params: dict[str, tuple] = {}  # applied layer -> its fit (a, b, groups)
+        self.scales: list[InputScale] = []  # each fitted BN's standardized input on the data, in model order
 
     def apply_inputs(self, s: int, b: int) -> dict[str, np.ndarray]:
         """``A`` and ``B`` of the layers segment ``s`` applies, for batch ``b`` (``fitted_apply``)."""
@@ -490,6 +492,9 @@ def _run(ref_model: onnx.ModelProto, cands: list[_Candidate], plans: list, layou
                 c.moments.pop(y, None)
             for t in here[c.tag]:
                 n = t.norm
+                scale = input_scale(n.record.name, t.target_fit(), tensor_array(c.inits[n.scale]), t.y_center)
+                if scale is not None:  # the scale initializer holds the BN's gamma until just below
+                    c.scales.append(scale)
                 fits = t.fits()
                 chosen, a, shift, sse = solve_candidates(fits)
                 n.record.fit_residual = fits[chosen].unexplained(fits[chosen].solve()[2])
@@ -504,6 +509,7 @@ def _run(ref_model: onnx.ModelProto, cands: list[_Candidate], plans: list, layou
             c.seconds += time.perf_counter() - t0
     for c in cands:
         t0 = time.perf_counter()
+        c.report.notes.extend(note for note in (samples and sample_note(samples), range_note(c.scales)) if note)
         if c.head is not None:
             pairs = ((host_array(store.get(c.runner.key(c.head.input), b))[:valid],
                       host_array(store.get(ref.key(c.head.output), b))[:valid])

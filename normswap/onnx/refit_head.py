@@ -3,7 +3,9 @@
 After the norm layers are calibrated, the features ``h`` reaching the final Gemm / MatMul head still differ a
 little from the original's. The head ``o = h W + c`` is refitted by ridge-regularized least squares
 ``[h, 1] [W; c] ~ o_original`` over the calibration data (streamed: a (K+1)^2 Gram matrix and a (K+1) x M cross
-matrix), and kept only if it lowers the mean squared error to the original outputs on that data.
+matrix), and kept only if it lowers the mean squared error to the original outputs on calibration samples it
+was not fitted on (cross-validated over four folds, ``LinearRefit``): with fewer samples than features the refit
+interpolates the calibration data and fails on any other.
 
 Conditions: the head is a Gemm (transA = 0) or a MatMul (optionally followed by an Add of a constant bias) that
 writes a graph output, with a 2-D input, a constant initializer weight read by it alone, and a bias (if any)
@@ -98,9 +100,10 @@ def refit_head(model: onnx.ModelProto, head: Head, pairs: Iterable[tuple[np.ndar
     if fit.gram is None:
         return f"head {head.name} not refitted: no data"
     current = _current(model, head, fit.cross.shape[1])
-    new, before, after = fit.refit(current if head.bias is not None else current[:-1], RIDGE)
+    outcome = fit.refit(current if head.bias is not None else current[:-1], RIDGE)
+    new = outcome.new
     if new is None:
-        return f"head {head.name} kept: a refit would not lower the error ({after:.3g} vs {before:.3g})"
+        return fit.note(outcome, f"head {head.name}")
     inits = {t.name: t for t in model.graph.initializer}
     weight = new[:-1] if head.bias is not None else new
     overwrite_initializer(inits[head.weight], weight.T if head.transposed else weight)
@@ -109,4 +112,4 @@ def refit_head(model: onnx.ModelProto, head: Head, pairs: Iterable[tuple[np.ndar
     if head.node.op_type == "Gemm":
         set_attr(head.node, "alpha", 1.0)
         set_attr(head.node, "beta", 1.0)
-    return f"refitted head {head.name}: mean squared error to the original outputs {before:.3g} -> {after:.3g}"
+    return fit.note(outcome, f"head {head.name}")

@@ -23,6 +23,7 @@ from torch import nn
 from torch import fx
 
 from .._math import AffineFit, CandidateSums, LinearRefit, fit_choice_note, solve_candidates
+from ..calibration_checks import InputScale, input_scale, range_note, sample_note
 from ..activation_store import DEFAULT_MEMORY_BUDGET, ActivationStore, peak_rss
 from ..report import CalibrationReport
 from .convert import NewLayer
@@ -150,6 +151,15 @@ def _called_once(gm: fx.GraphModule, names: set[str]) -> bool:
     return len(calls) == len(set(calls)) == len(names)
 
 
+def _record_scale(layer: NewLayer, targets: AffineFit, scales: list[InputScale]) -> None:
+    """Add the BN's standardized input on the data (from the target sums of ``targets``) to ``scales``; refuses
+    sums that are not finite (``calibration_checks.input_scale``)."""
+    gamma, beta = layer.site.affine64()
+    scale = input_scale(layer.site.name, targets, gamma, beta)
+    if scale is not None:
+        scales.append(scale)
+
+
 def _apply_fit(layer: NewLayer, fits: dict) -> None:
     chosen, a, b, sse = solve_candidates(fits)
     if chosen != layer.groups:
@@ -159,6 +169,11 @@ def _apply_fit(layer: NewLayer, fits: dict) -> None:
     weight.copy_(torch.as_tensor(a, dtype=weight.dtype, device=weight.device))
     bias.copy_(torch.as_tensor(b, dtype=bias.dtype, device=bias.device))
     layer.record.calibrated = True
+
+
+def _add_data_notes(report: CalibrationReport, samples: int, scales: list[InputScale]) -> None:
+    """What the data's size and the BNs' standardized inputs say (``calibration_checks``)."""
+    report.notes.extend(note for note in (samples and sample_note(samples), range_note(scales)) if note)
 
 
 def _calibrate_in_segments(original: nn.Module, converted: nn.Module, ogm: fx.GraphModule, cgm: fx.GraphModule,
@@ -172,6 +187,7 @@ def _calibrate_in_segments(original: nn.Module, converted: nn.Module, ogm: fx.Gr
     if data.note:
         report.notes.append(data.note)
     names = {layer.site.name for layer in layers}
+    scales: list[InputScale] = []
     head_node = next((n for n in cgm.graph.nodes if n.op == "call_module" and n.target == head), None)
     out_node = _first_node(next(n for n in ogm.graph.nodes if n.op == "output").args[0])
     if head_node is None or out_node is None:
@@ -211,8 +227,10 @@ def _calibrate_in_segments(original: nn.Module, converted: nn.Module, ogm: fx.Gr
                 ref.release(s, len(batches))
                 cand.release(s, len(batches))
                 for layer, _, _, sums in here:
+                    _record_scale(layer, sums.target_fit(), scales)
                     _apply_fit(layer, sums.fits())
                     report.layers_changed.append(layer.record.name)
+            _add_data_notes(report, samples, scales)
             if head is not None:
                 pairs = ((cand.get(head_node.args[0], b), _output(ref.get(out_node, b)))
                          for b in range(len(batches)))
@@ -242,11 +260,13 @@ def _calibrate_by_levels(original: nn.Module, converted: nn.Module, layers: list
     start = time.perf_counter()
     batches = data.count()
     levels = sorted({layer.level for layer in layers})
+    order = {layer.site.name: k for k, layer in enumerate(layers)}  # model order, for the data notes
     total = (len(levels) + (head is not None)) * batches
     report = CalibrationReport(data.samples(), data.batch_size, 0, 0.0, "all" if head else "norms")
     if data.note:
         report.notes.append(data.note)
     done = 0
+    scales: list[InputScale] = []
     with _eval(original, converted), torch.no_grad():
         for level in levels:
             group = [layer for layer in layers if layer.level == level]
@@ -266,9 +286,11 @@ def _calibrate_by_levels(original: nn.Module, converted: nn.Module, layers: list
                 if progress:
                     progress(done, total, f"calibrating level {level}/{len(levels)}")
             for g in group:
+                _record_scale(g, next(iter(fits[id(g)].values())), scales)
                 _apply_fit(g, fits[id(g)])
                 report.layers_changed.append(g.record.name)
             report.passes += 1
+        _add_data_notes(report, report.samples, sorted(scales, key=lambda sc: order[sc.layer]))
         if head is not None:
             def tick() -> None:
                 nonlocal done
@@ -309,16 +331,17 @@ def _refit_head_from(converted: nn.Module, head: str, pairs) -> str:
         fit.add(h, o)
     w = linear.weight.detach().double().cpu().numpy().T
     b = linear.bias.detach().double().cpu().numpy() if linear.bias is not None else np.zeros(w.shape[1])
-    new, before, after = fit.refit(np.vstack([w, b[None]]), HEAD_RIDGE)
+    outcome = fit.refit(np.vstack([w, b[None]]), HEAD_RIDGE)
+    new = outcome.new
     if new is None:
-        return f"output layer {head} kept: a refit would not lower the error ({after:.3g} vs {before:.3g})"
+        return fit.note(outcome, f"output layer {head}")
     device = linear.weight.device
     linear.weight.copy_(torch.as_tensor(new[:-1].T, dtype=linear.weight.dtype, device=device))
     if linear.bias is None:
         linear.bias = nn.Parameter(torch.as_tensor(new[-1], dtype=linear.weight.dtype, device=device))
     else:
         linear.bias.copy_(torch.as_tensor(new[-1], dtype=linear.bias.dtype, device=device))
-    return f"refitted output layer {head}: mean squared error to the original outputs {before:.3g} -> {after:.3g}"
+    return fit.note(outcome, f"output layer {head}")
 
 
 def layer_drift(original: nn.Module, converted: nn.Module, layers: list[NewLayer],
